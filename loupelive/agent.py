@@ -1,0 +1,595 @@
+"""The agent: the part an application embeds to publish its log records.
+
+Theory of operation
+-------------------
+:func:`open_agent` registers a session with the relay over the agent's control
+connection, then waits for commands while only heartbeats flow.  ``log()`` is
+synchronous and never blocks: it appends to a bounded ring buffer (by records and
+by bytes; the oldest fall out first) and wakes the streamer.
+
+When the relay sends ``START_STREAM n`` the streamer opens a dedicated data
+connection for stream ``n`` and, in one task and therefore in one order:
+
+1. sends each newly added viewer its history (self-contained ``HISTORY``
+   batches, addressed to that viewer, covering records up to ``sent_upto``);
+2. makes the next live batch a sync point (so the new viewer can start there);
+3. sends the records after ``sent_upto`` as compressed live batches, filtered to
+   the lowest level any viewer asked for; if the ring buffer dropped records
+   before they could be sent, a ``GAP`` (``agent_overflow``) says exactly which.
+
+``STOP_STREAM n`` (or leaving the ``open_agent`` block) makes the streamer flush
+what it owes, send ``STREAM_END`` and close the data connection.  Leaving the
+block then says ``GOODBYE`` on the control connection.  If the control connection
+drops, the agent reconnects with backoff and registers the same session again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import itertools
+import logging
+import math
+import os
+import socket
+import ssl
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Final
+
+import attrs
+import trio
+import trio_util
+
+from . import __version__
+from .connection import Connection, connect
+from .errors import ConnectionClosed, ErrorCode, HandshakeRejected, RemoteProtocolError
+from .messages import (
+    AddViewer,
+    GapNotice,
+    Goodbye,
+    Hello,
+    RemoveViewer,
+    RequestSync,
+    Role,
+    SessionInfo,
+    StartStream,
+    StopStream,
+    StreamEnd,
+)
+from .records import TARGET_RAW_BATCH, BatchEncoder, Level, Record
+from .config import DEFAULT_AGENT_PORT
+from .wire import MAX_CONTROL_PAYLOAD, FrameKind, encode_frame
+
+__all__ = ["Agent", "AgentStatistics", "open_agent"]
+
+log = logging.getLogger("loupelive.agent")
+
+#: Ring buffer bounds: records kept for history and for a link slower than the
+#: application's logging.  10,000 records is minutes of a busy service.
+DEFAULT_BUFFER_RECORDS: Final = 10_000
+DEFAULT_BUFFER_BYTES: Final = 16 * 1024 * 1024
+
+#: Wait this long after the first new record before cutting a batch, so a burst
+#: becomes one batch (better compression, fewer writes) at a latency nobody sees.
+DEFAULT_LINGER: Final = 0.02
+
+#: A fresh compression context at least this often even if nobody asks: bounds
+#: how long a viewer that skipped ahead waits for a sync point.
+DEFAULT_SYNC_INTERVAL: Final = 30.0
+
+#: How long leaving ``open_agent`` may spend delivering what viewers are owed.
+DEFAULT_CLOSE_TIMEOUT: Final = 5.0
+
+#: Batches with more raw bytes than this are compressed in a worker thread
+#: (brotli releases the GIL) so the application's event loop keeps running.
+THREAD_COMPRESS_THRESHOLD: Final = 64 * 1024
+
+_RECONNECT_MIN: Final = 0.5
+_RECONNECT_MAX: Final = 10.0
+
+#: Approximate fixed cost of a record in the ring buffer, on top of its text.
+_RECORD_OVERHEAD: Final = 200
+
+GAP_AGENT_OVERFLOW: Final = "agent_overflow"
+GAP_HISTORY_UNAVAILABLE: Final = "history_unavailable"
+
+
+def _record_size(record: Record) -> int:
+    size = _RECORD_OVERHEAD + len(record.message) + len(record.logger) + len(record.thread)
+    if record.exception:
+        size += len(record.exception)
+    for key, value in record.fields.items():
+        size += len(key) + len(value)
+    return size
+
+
+@attrs.frozen(kw_only=True)
+class AgentStatistics:
+    """What an agent has done so far."""
+
+    records_logged: int
+    records_buffered: int
+    buffered_bytes: int
+    records_dropped: int
+    records_sent: int
+    batches_sent: int
+    bytes_sent: int
+    viewers: int
+    streaming: bool
+    connected: bool
+
+
+class Agent:
+    """A session published to a relay.  Made by :func:`open_agent`."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        info: SessionInfo,
+        *,
+        token: str | None,
+        tls: bool | ssl.SSLContext,
+        ca_file: str | None,
+        buffer_records: int,
+        buffer_bytes: int,
+        quality: int,
+        linger: float,
+        sync_interval: float,
+        close_timeout: float,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.info = info
+        self._token = token
+        self._tls = tls
+        self._ca_file = ca_file
+        self._buffer: deque[Record] = deque()
+        self._buffer_records = buffer_records
+        self._buffer_bytes_max = buffer_bytes
+        self._buffered_bytes = 0
+        self._quality = quality
+        self._linger = linger
+        self._sync_interval = sync_interval
+        self._close_timeout = close_timeout
+        self._next_seq = 1
+        self._wake = trio.Event()
+        self._viewers: dict[int, AddViewer] = {}
+        self._pending: dict[int, AddViewer] = {}
+        self._sync_requested = False
+        self._stream_wanted: trio_util.AsyncValue[int | None] = trio_util.AsyncValue(None)
+        self._streaming = trio_util.AsyncBool(False)
+        self._closing = False
+        #: True while the control connection is up.
+        self.connected = trio_util.AsyncBool(False)
+        self._dropped = 0
+        self._records_sent = 0
+        self._batches_sent = 0
+        self._bytes_sent = 0
+        self._sent_upto = 0
+        self._heartbeat_interval = 5.0
+        self._control: Connection | None = None
+
+    @property
+    def session_id(self) -> str:
+        return self.info.session_id
+
+    # -- the application's side ----------------------------------------------------
+
+    def log(
+        self,
+        level: Level | int,
+        message: str,
+        *,
+        logger: str = "",
+        thread: str | None = None,
+        exception: str | None = None,
+        fields: Mapping[str, object] | None = None,
+        timestamp: float | None = None,
+    ) -> int:
+        """Append a record; never blocks.  Returns its seq.
+
+        Must be called from the Trio thread that runs the agent.
+        """
+        record = Record(
+            seq=self._next_seq,
+            timestamp=time.time() if timestamp is None else timestamp,
+            level=level,
+            logger=logger,
+            message=message,
+            thread=threading.current_thread().name if thread is None else thread,
+            exception=exception,
+            fields=fields,
+        )
+        return self.append(record)
+
+    def append(self, record: Record) -> int:
+        """Append a prepared record, renumbered to the next seq.  Returns its seq."""
+        seq = self._next_seq
+        if record.seq != seq:
+            record = attrs.evolve(record, seq=seq)
+        self._next_seq += 1
+        self._buffer.append(record)
+        self._buffered_bytes += _record_size(record)
+        while len(self._buffer) > self._buffer_records or (
+            self._buffered_bytes > self._buffer_bytes_max and len(self._buffer) > 1
+        ):
+            old = self._buffer.popleft()
+            self._buffered_bytes -= _record_size(old)
+            if self._streaming.value and old.seq > self._sent_upto:
+                self._dropped += 1
+        self._wake.set()
+        return seq
+
+    def statistics(self) -> AgentStatistics:
+        return AgentStatistics(
+            records_logged=self._next_seq - 1,
+            records_buffered=len(self._buffer),
+            buffered_bytes=self._buffered_bytes,
+            records_dropped=self._dropped,
+            records_sent=self._records_sent,
+            batches_sent=self._batches_sent,
+            bytes_sent=self._bytes_sent,
+            viewers=len(self._viewers),
+            streaming=self._streaming.value,
+            connected=self.connected.value,
+        )
+
+    # -- control connection ----------------------------------------------------------
+
+    def _hello(self, role: Role, **kwargs: object) -> Hello:
+        return Hello(role=role, token=self._token, client=f"loupelive-agent/{__version__}", **kwargs)  # type: ignore[arg-type]
+
+    async def _connect(self, hello: Hello) -> Connection:
+        conn, accept = await connect(
+            self.host, self.port, hello, tls=self._tls, ca_file=self._ca_file, max_payload=MAX_CONTROL_PAYLOAD
+        )
+        self._heartbeat_interval = accept.heartbeat_interval
+        return conn
+
+    async def _heartbeats(self, conn: Connection) -> None:
+        # The relay says how often it heartbeats; three missed ones mean it is gone.
+        interval = self._heartbeat_interval
+        await conn.serve_heartbeats(interval, interval * 3)
+
+    async def _serve_control(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        backoff = _RECONNECT_MIN
+        first = True
+        while not self._closing:
+            try:
+                conn = await self._connect(self._hello(Role.AGENT_CONTROL, session=self.info))
+            except (OSError, ConnectionClosed, RemoteProtocolError) as exc:
+                if first:
+                    raise
+                if isinstance(exc, HandshakeRejected) and exc.code not in (
+                    ErrorCode.SESSION_CONFLICT,
+                    ErrorCode.LIMIT_REACHED,
+                    ErrorCode.SHUTDOWN,
+                ):
+                    log.error("relay %s:%d refused the session: %s", self.host, self.port, exc)
+                log.info("reconnecting to %s:%d in %.1f s (%s)", self.host, self.port, backoff, exc)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, _RECONNECT_MAX)
+                continue
+            backoff = _RECONNECT_MIN
+            self._control = conn
+            self.connected.value = True
+            if first:
+                first = False
+                task_status.started()
+            try:
+                await self._run_control(conn)
+            except (ConnectionClosed, RemoteProtocolError) as exc:
+                if not self._closing:
+                    log.warning("lost the relay %s:%d: %s", self.host, self.port, exc)
+            finally:
+                self.connected.value = False
+                self._control = None
+                # The relay forgets our viewers and streams with the session.
+                self._viewers.clear()
+                self._pending.clear()
+                self._stream_wanted.value = None
+                self._wake.set()
+                with trio.CancelScope(shield=True):
+                    await conn.aclose()
+
+    async def _run_control(self, conn: Connection) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._heartbeats, conn)
+            while True:
+                message = await conn.receive_message()
+                if isinstance(message, StartStream):
+                    self._stream_wanted.value = message.stream
+                elif isinstance(message, StopStream):
+                    if self._stream_wanted.value == message.stream:
+                        self._stream_wanted.value = None
+                elif isinstance(message, AddViewer):
+                    self._viewers[message.viewer] = message
+                    self._pending[message.viewer] = message
+                    self._sync_requested = True
+                elif isinstance(message, RemoveViewer):
+                    self._viewers.pop(message.viewer, None)
+                    self._pending.pop(message.viewer, None)
+                elif isinstance(message, RequestSync):
+                    self._sync_requested = True
+                else:
+                    raise RemoteProtocolError(
+                        f"unexpected {type(message).__name__} from the relay",
+                        code=ErrorCode.UNEXPECTED_MESSAGE,
+                    )
+                self._wake.set()
+
+    # -- data streams -------------------------------------------------------------
+
+    async def _serve_streams(self) -> None:
+        while True:
+            stream_no = await self._stream_wanted.wait_value(lambda v: v is not None)
+            assert stream_no is not None
+            try:
+                await self._stream(stream_no)
+            except (OSError, ConnectionClosed, RemoteProtocolError) as exc:
+                log.warning("stream %d to %s:%d failed: %s", stream_no, self.host, self.port, exc)
+                # The relay restarts the stream with a new number if it still
+                # wants one; wait for that rather than retrying this one.
+                await self._stream_wanted.wait_value(lambda v, n=stream_no: v != n)  # type: ignore[misc]
+            if self._closing:
+                return
+
+    async def _wait_wake(self) -> None:
+        await self._wake.wait()
+        self._wake = trio.Event()
+
+    async def _stream(self, stream_no: int) -> None:
+        conn = await self._connect(self._hello(Role.AGENT_DATA, session_id=self.session_id, stream=stream_no))
+        encoder = BatchEncoder(quality=self._quality)
+        self._sent_upto = self._next_seq - 1
+        self._streaming.value = True
+        self._sync_requested = True
+        last_sync = -math.inf
+        log.info("session %s: streaming (stream %d)", self.session_id, stream_no)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._heartbeats, conn)
+                nursery.start_soon(self._drain_data_input, conn)
+                while True:
+                    if self._pending:
+                        await self._send_histories(conn, encoder)
+                        self._sync_requested = True
+                    if self._sent_upto < self._next_seq - 1:
+                        now = trio.current_time()
+                        sync = self._sync_requested or now - last_sync >= self._sync_interval
+                        if await self._send_live(conn, encoder, sync=sync):
+                            if sync:
+                                last_sync = now
+                                self._sync_requested = False
+                        continue
+                    if self._closing or self._stream_wanted.value != stream_no:
+                        break
+                    await self._wait_wake()
+                    if self._linger > 0 and not self._closing and not self._pending:
+                        await trio.sleep(self._linger)
+                code = ErrorCode.SESSION_ENDED if self._closing else ErrorCode.STOPPED
+                await conn.send(StreamEnd(code=code, reason="", last_seq=self._sent_upto))
+                nursery.cancel_scope.cancel()
+        finally:
+            self._streaming.value = False
+            with trio.CancelScope(shield=True):
+                await conn.aclose()
+
+    async def _drain_data_input(self, conn: Connection) -> None:
+        while True:
+            message = await conn.receive_message()
+            raise RemoteProtocolError(
+                f"unexpected {type(message).__name__} on a data connection",
+                code=ErrorCode.UNEXPECTED_MESSAGE,
+            )
+
+    def _min_level(self) -> int:
+        return min((v.min_level for v in self._viewers.values()), default=0)
+
+    async def _send_live(self, conn: Connection, encoder: BatchEncoder, *, sync: bool) -> bool:
+        """Send one live batch (or a GAP) after ``sent_upto``.  True if a batch went."""
+        buffer = self._buffer
+        oldest = buffer[0].seq if buffer else self._next_seq
+        if self._sent_upto + 1 < oldest:
+            first, last = self._sent_upto + 1, oldest - 1
+            self._sent_upto = last
+            if self._viewers:
+                await conn.send(GapNotice(first_seq=first, last_seq=last, reason=GAP_AGENT_OVERFLOW))
+            return False
+        start = self._sent_upto + 1 - oldest
+        if not self._viewers:
+            # Nobody to send to (the stream is in its grace period): the range is
+            # covered by the history any new viewer will get.
+            self._sent_upto = self._next_seq - 1
+            return False
+        min_level = self._min_level()
+        records: list[Record] = []
+        size = 0
+        last = self._sent_upto
+        for record in itertools.islice(buffer, start, None):
+            last = record.seq
+            if record.level >= min_level:
+                records.append(record)
+                size += _record_size(record)
+                if size >= TARGET_RAW_BATCH:
+                    break
+        first = self._sent_upto + 1
+        payload = await self._compress(
+            lambda: encoder.encode(records, first_seq=first, last_seq=last, sync=sync), size
+        )
+        await conn.send_raw(encode_frame(FrameKind.BATCH, payload))
+        self._sent_upto = last
+        self._records_sent += len(records)
+        self._batches_sent += 1
+        self._bytes_sent += len(payload) + 5
+        return True
+
+    @staticmethod
+    async def _compress(encode: Callable[[], bytes], size: int) -> bytes:
+        if size >= THREAD_COMPRESS_THRESHOLD:
+            return await trio.to_thread.run_sync(encode)
+        return encode()
+
+    async def _send_histories(self, conn: Connection, encoder: BatchEncoder) -> None:
+        while self._pending:
+            viewer, request = next(iter(self._pending.items()))
+            del self._pending[viewer]
+            await self._send_history(conn, encoder, request)
+
+    async def _send_history(self, conn: Connection, encoder: BatchEncoder, request: AddViewer) -> None:
+        upto = self._sent_upto
+        level = request.min_level
+        held = [r for r in self._buffer if r.seq <= upto and r.level >= level]
+        first_seq = upto + 1
+        if request.after_seq is not None:
+            after = min(request.after_seq, upto)
+            held = [r for r in held if r.seq > after]
+            oldest = self._buffer[0].seq if self._buffer else self._next_seq
+            first_seq = after + 1
+            if oldest > after + 1 and after < upto:
+                gap_last = min(oldest - 1, upto)
+                await conn.send(
+                    GapNotice(
+                        first_seq=after + 1,
+                        last_seq=gap_last,
+                        reason=GAP_HISTORY_UNAVAILABLE,
+                        viewer=request.viewer,
+                    )
+                )
+                first_seq = gap_last + 1
+        else:
+            held = held[-request.history :] if request.history else []
+            if held:
+                first_seq = held[0].seq
+        # Cut into batches of about TARGET_RAW_BATCH raw bytes.
+        chunks: list[list[Record]] = [[]]
+        size = 0
+        for record in held:
+            if size >= TARGET_RAW_BATCH:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(record)
+            size += _record_size(record)
+        for index, chunk in enumerate(chunks):
+            end = index == len(chunks) - 1
+            chunk_first = chunk[0].seq if chunk and index else first_seq
+            chunk_last = upto if end else chunks[index + 1][0].seq - 1
+            payload = await self._compress(
+                lambda c=chunk, f=chunk_first, l=chunk_last, e=end: encoder.encode_history(  # type: ignore[misc]
+                    c, viewer=request.viewer, first_seq=f, last_seq=l, end=e
+                ),
+                size,
+            )
+            await conn.send_raw(encode_frame(FrameKind.BATCH, payload))
+            self._records_sent += len(chunk)
+            self._batches_sent += 1
+            self._bytes_sent += len(payload) + 5
+
+    # -- closing ---------------------------------------------------------------------
+
+    async def _close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        with trio.move_on_after(self._close_timeout):
+            await self._streaming.wait_value(False)
+            control = self._control
+            if control is not None:
+                try:
+                    await control.send(Goodbye(reason="the session ended"))
+                except ConnectionClosed:
+                    pass
+
+
+def default_session_info(
+    *,
+    app: str,
+    app_version: str = "",
+    tags: Mapping[str, object] | None = None,
+    session_id: str | None = None,
+) -> SessionInfo:
+    """Session information filled in from this process."""
+    try:
+        user = getpass.getuser()
+    except Exception:  # getpass raises various errors without a user database
+        user = ""
+    return SessionInfo(
+        session_id=session_id or str(uuid.uuid4()),
+        app=app,
+        app_version=app_version,
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        user=user,
+        started_at=time.time(),
+        tags=dict(tags or {}),
+    )
+
+
+@contextlib.asynccontextmanager
+async def open_agent(
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_AGENT_PORT,
+    *,
+    app: str,
+    app_version: str = "",
+    tags: Mapping[str, object] | None = None,
+    session_id: str | None = None,
+    token: str | None = None,
+    tls: bool | ssl.SSLContext = False,
+    ca_file: str | None = None,
+    buffer_records: int = DEFAULT_BUFFER_RECORDS,
+    buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+    quality: int = 5,
+    linger: float = DEFAULT_LINGER,
+    sync_interval: float = DEFAULT_SYNC_INTERVAL,
+    close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
+) -> AsyncIterator[Agent]:
+    """Register a session with the relay at ``host:port`` and publish records to it.
+
+    The first connection is made before the block starts, so an unreachable relay
+    or a refused token raises here; later drops reconnect in the background.
+    Leaving the block delivers what current viewers are owed (within
+    ``close_timeout``), then ends the session.
+
+    Args:
+      app: the application's name, shown to viewers.
+      session_id: defaults to a new UUID.
+      token: the relay's agent token, if it requires one.
+      tls: ``True`` for TLS with the system trust store (or ``ca_file``), or an
+        ``ssl.SSLContext``.
+      buffer_records, buffer_bytes: ring buffer bounds.
+      quality: brotli quality 2..11.
+
+    Raises:
+      OSError: the relay cannot be reached.
+      HandshakeRejected: the relay refused the session (AuthenticationError for a
+        bad token).
+    """
+    info = default_session_info(app=app, app_version=app_version, tags=tags, session_id=session_id)
+    agent = Agent(
+        host,
+        port,
+        info,
+        token=token,
+        tls=tls,
+        ca_file=ca_file,
+        buffer_records=buffer_records,
+        buffer_bytes=buffer_bytes,
+        quality=quality,
+        linger=linger,
+        sync_interval=sync_interval,
+        close_timeout=close_timeout,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent._serve_control)
+        nursery.start_soon(agent._serve_streams)
+        try:
+            yield agent
+        finally:
+            with trio.CancelScope(shield=True):
+                await agent._close()
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,85 @@
+"""Validated relay configuration."""
+
+from __future__ import annotations
+
+from typing import Final
+
+import attrs
+
+__all__ = ["DEFAULT_AGENT_PORT", "DEFAULT_VIEWER_PORT", "RelayConfig"]
+
+#: Loupe's own defaults: agents on 29971, viewers ("desktops") on 29970.
+DEFAULT_AGENT_PORT: Final = 29971
+DEFAULT_VIEWER_PORT: Final = 29970
+
+
+def _port(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if not 0 <= value <= 65535:
+        raise ValueError(f"{attribute.name} must be 0..65535 (0: any free port), not {value}")
+
+
+def _positive(_inst: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{attribute.name} must be positive, not {value}")
+
+
+def _non_negative(_inst: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if value < 0:
+        raise ValueError(f"{attribute.name} must not be negative, not {value}")
+
+
+@attrs.frozen(kw_only=True)
+class RelayConfig:
+    """Everything a relay can be told.  Validated when built (``ValueError``).
+
+    Durations are in seconds, sizes in bytes.
+    """
+
+    #: Address to listen on.  Loopback by default, like Redis' protected mode:
+    #: exposing a relay is a decision (``--host 0.0.0.0``), ideally with TLS and
+    #: tokens.
+    host: str = "127.0.0.1"
+    agent_port: int = attrs.field(default=DEFAULT_AGENT_PORT, validator=_port)
+    viewer_port: int = attrs.field(default=DEFAULT_VIEWER_PORT, validator=_port)
+    #: Shared secrets.  ``None``: no token required for that role.
+    agent_token: str | None = attrs.field(default=None, repr=False)
+    viewer_token: str | None = attrs.field(default=None, repr=False)
+    #: TLS on both ports when both are set (PEM files; chain allowed).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    #: Heartbeats are sent after this much quiet on any connection …
+    heartbeat_interval: float = attrs.field(default=5.0, validator=_positive)
+    #: … and a peer silent this long is dropped (three missed heartbeats).
+    heartbeat_timeout: float = attrs.field(default=15.0, validator=_positive)
+    #: Preamble + HELLO (and the TLS handshake) must complete within this.
+    handshake_timeout: float = attrs.field(default=10.0, validator=_positive)
+    #: After the last viewer of a session leaves, keep the stream this long
+    #: (someone flipping between sessions should not restart it each time).
+    stream_grace: float = attrs.field(default=5.0, validator=_non_negative)
+    #: After an agent's GOODBYE, wait this long for its data to drain to viewers.
+    end_flush_timeout: float = attrs.field(default=10.0, validator=_positive)
+    #: Per-viewer queue budget.  Over it, the viewer skips ahead to the next sync
+    #: point and is told the exact range it lost (``viewer_slow``).  8 MiB is
+    #: minutes of compressed logs at typical rates.
+    viewer_queue_bytes: int = attrs.field(default=8 * 1024 * 1024, validator=_positive)
+    #: A viewer that stays behind this long is disconnected (``slow_consumer``).
+    slow_viewer_timeout: float = attrs.field(default=30.0, validator=_positive)
+    #: Limits against resource exhaustion.
+    max_sessions: int = attrs.field(default=100_000, validator=_positive)
+    max_viewers_per_session: int = attrs.field(default=1_000, validator=_positive)
+    max_viewer_connections: int = attrs.field(default=10_000, validator=_positive)
+    #: Session-list updates queued for one viewer beyond its snapshot; a viewer
+    #: that lets more pile up is disconnected (it reconnects to a fresh list).
+    max_list_backlog: int = attrs.field(default=10_000, validator=_positive)
+
+    def __attrs_post_init__(self) -> None:
+        if self.heartbeat_timeout <= self.heartbeat_interval:
+            raise ValueError("heartbeat_timeout must be longer than heartbeat_interval")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        if self.agent_port and self.agent_port == self.viewer_port:
+            raise ValueError("agent_port and viewer_port must differ")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None

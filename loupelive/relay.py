@@ -1,0 +1,802 @@
+"""The relay: listeners, the session registry, and one task tree per connection.
+
+Theory of operation
+-------------------
+:func:`serve_relay` opens both listeners, reports the bound ports through
+``task_status.started(relay)`` and then serves until cancelled.  Every accepted
+connection runs :meth:`Relay._handle` in its own task: the TLS handshake (when
+configured), the preamble and the HELLO, all under ``handshake_timeout``; then the
+handler of its role, which opens a nursery for that connection's tasks (reader,
+writer, heartbeats).  Whatever a peer does, its errors end in that handler: it is
+logged, the peer is told why (REJECT or CLOSE with an :class:`ErrorCode`), the
+stream is closed in ``finally``, and every other connection carries on.
+
+A session (:class:`Session`) lives exactly as long as its agent's control
+connection.  Commands to the agent go through the session's *outbox*, a memory
+channel drained by a task of that control connection, so synchronous code (the
+hub asking for a sync point) and viewer tasks never wait on a slow agent.
+
+Streams are numbered.  The first viewer of a session makes the relay send
+``START_STREAM n``; the agent opens a data connection naming ``n``; every viewer
+joining sends ``ADD_VIEWER``.  When the last viewer leaves, a grace timer runs;
+when it fires, ``STOP_STREAM n``.  If a data connection dies while viewers
+remain, the relay starts stream ``n+1`` and re-adds each viewer with
+``after_seq`` = the last seq it was given, so the agent resends exactly what is
+missing (or a GAP for what it no longer holds).
+
+Viewer control connections get the session list as one SESSION_ADDED per session
+then SNAPSHOT_END, then live SESSION_ADDED / SESSION_CHANGED / SESSION_ENDED.
+Each has a queue bounded by ``max_list_backlog`` beyond its snapshot; a viewer
+that lets it overflow is disconnected (``slow_consumer``) rather than given a
+list that silently diverges.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import itertools
+import logging
+import math
+import ssl
+import time
+from typing import Any, Final
+
+import attrs
+import trio
+
+from . import __version__
+from .config import RelayConfig
+from .connection import Connection
+from .errors import ConnectionClosed, ErrorCode, RemoteProtocolError, StreamDecodeError
+from .hub import Hub, Subscriber, SubscriberState
+from .messages import (
+    AGENT_ROLES,
+    VIEWER_ROLES,
+    Accept,
+    AddViewer,
+    GapNotice,
+    Goodbye,
+    Hello,
+    Message,
+    Reject,
+    RemoveViewer,
+    RequestSync,
+    Role,
+    SessionAdded,
+    SessionChanged,
+    SessionEnded,
+    SessionInfo,
+    SnapshotEnd,
+    StartStream,
+    StopStream,
+    StreamEnd,
+    decode_message,
+    encode_message,
+)
+from .records import BatchHeader
+from .wire import (
+    MAX_CONTROL_PAYLOAD,
+    MAX_DATA_PAYLOAD,
+    PROTOCOL_VERSION,
+    FrameKind,
+    encode_frame,
+    encode_preamble,
+)
+
+__all__ = ["Relay", "RelayStatistics", "serve_relay"]
+
+log = logging.getLogger("loupelive.relay")
+
+#: Commands waiting for one agent.  Commands are a few per viewer join or
+#: leave; an agent that lets this many pile up is not reading and is dropped.
+MAX_OUTBOX: Final = 10_000
+
+#: Bytes gathered into one write to a viewer (NOTES.md: one ``send_all`` per
+#: frame caps a connection at ~65k frames/s; batching writes lifts that).
+WRITE_COALESCE: Final = 256 * 1024
+
+#: At most one REQUEST_SYNC per session per this many seconds: a burst of
+#: viewers joining or skipping needs only one sync point.
+SYNC_REQUEST_INTERVAL: Final = 0.05
+
+_HTTP_400: Final = (
+    b"HTTP/1.1 400 Bad Request\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Connection: close\r\n"
+    b"Content-Length: %d\r\n\r\n%s"
+)
+
+
+@attrs.frozen(kw_only=True)
+class RelayStatistics:
+    """A snapshot of what the relay is doing (see :meth:`Relay.statistics`)."""
+
+    uptime: float
+    sessions: int
+    streaming_sessions: int
+    agent_connections: int
+    agent_data_connections: int
+    viewer_connections: int
+    viewer_streams: int
+    batches_in: int
+    records_in: int
+    bytes_in: int
+    bytes_out: int
+    batches_dropped: int
+    gaps_sent: int
+    slow_consumer_disconnects: int
+    queued_bytes: int
+    rejected: dict[str, int]
+
+    def to_json(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+@attrs.define(eq=False)
+class Session:
+    """A live session: its agent's control connection, its hub, its stream."""
+
+    info: SessionInfo
+    control: Connection
+    relay: Relay
+    hub: Hub = attrs.field(init=False)
+    outbox_send: trio.MemorySendChannel[Message] = attrs.field(init=False)
+    outbox_receive: trio.MemoryReceiveChannel[Message] = attrs.field(init=False)
+    stream_no: int = 0
+    stream_wanted: bool = False
+    data_conn: Connection | None = None
+    data_scope: trio.CancelScope | None = None
+    data_done: trio.Event = attrs.Factory(trio.Event)
+    grace_scope: trio.CancelScope | None = None
+    nursery: trio.Nursery | None = None
+    ended: bool = False
+    last_sync_request: float = -math.inf
+    sync_request_pending: bool = False
+    #: Counters of streams that ended, folded into relay totals.
+    bytes_out: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        self.hub = Hub(request_sync=self.request_sync)
+        self.outbox_send, self.outbox_receive = trio.open_memory_channel[Message](MAX_OUTBOX)
+
+    @property
+    def session_id(self) -> str:
+        return self.info.session_id
+
+    def command(self, message: Message) -> None:
+        """Queue a command for the agent; drops the agent if it is not reading."""
+        try:
+            self.outbox_send.send_nowait(message)
+        except trio.WouldBlock:
+            log.warning("session %s: agent is not reading its commands; dropping it", self.session_id)
+            if self.nursery is not None:
+                self.nursery.cancel_scope.cancel()
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    def request_sync(self) -> None:
+        now = trio.current_time()
+        if now - self.last_sync_request >= SYNC_REQUEST_INTERVAL:
+            self.last_sync_request = now
+            self.command(RequestSync())
+        elif not self.sync_request_pending and self.nursery is not None:
+            self.sync_request_pending = True
+            self.nursery.start_soon(self._delayed_sync_request)
+
+    async def _delayed_sync_request(self) -> None:
+        await trio.sleep_until(self.last_sync_request + SYNC_REQUEST_INTERVAL)
+        self.sync_request_pending = False
+        self.last_sync_request = trio.current_time()
+        self.command(RequestSync())
+
+    def public_info(self) -> SessionInfo:
+        return attrs.evolve(
+            self.info,
+            viewers=len(self.hub.subscribers),
+            streaming=self.data_conn is not None,
+        )
+
+    def ensure_stream(self) -> None:
+        if self.grace_scope is not None:
+            self.grace_scope.cancel()
+            self.grace_scope = None
+        if not self.stream_wanted:
+            self.stream_no += 1
+            self.stream_wanted = True
+            self.command(StartStream(stream=self.stream_no))
+
+    def add_subscriber(self, hello: Hello) -> Subscriber:
+        viewer_id = next(self.relay._viewer_ids)
+        request = AddViewer(
+            viewer=viewer_id,
+            history=hello.history,
+            min_level=hello.min_level,
+            after_seq=hello.after_seq,
+        )
+        sub = Subscriber(id=viewer_id, request=request, budget=self.relay.config.viewer_queue_bytes)
+        self.hub.subscribers[viewer_id] = sub
+        self.ensure_stream()
+        self.command(request)
+        self.relay._changed(self)
+        return sub
+
+    def remove_subscriber(self, sub: Subscriber) -> None:
+        if self.hub.subscribers.pop(sub.id, None) is None:
+            return
+        sub.send_channel.close()
+        if self.ended:
+            return
+        self.command(RemoveViewer(viewer=sub.id))
+        if not self.hub.subscribers and self.stream_wanted and self.nursery is not None:
+            self.nursery.start_soon(self._grace_then_stop)
+        self.relay._changed(self)
+
+    async def _grace_then_stop(self) -> None:
+        with trio.CancelScope() as scope:
+            if self.grace_scope is not None:
+                self.grace_scope.cancel()
+            self.grace_scope = scope
+            await trio.sleep(self.relay.config.stream_grace)
+            if not self.hub.subscribers and self.stream_wanted:
+                self.stream_wanted = False
+                self.command(StopStream(stream=self.stream_no))
+                log.info("session %s: no viewers left, stream %d stopped", self.session_id, self.stream_no)
+        if self.grace_scope is scope:
+            self.grace_scope = None
+
+    def data_ended(self, conn: Connection, stream_no: int, end: StreamEnd | None) -> None:
+        """A data connection of this session finished (cleanly or not)."""
+        if self.data_conn is conn:
+            self.data_conn = None
+            self.data_scope = None
+            self.data_done.set()
+            self.relay._changed(self)
+        if self.ended or stream_no != self.stream_no:
+            return
+        if end is not None and end.code is ErrorCode.SESSION_ENDED:
+            return
+        # The current stream ended early (the agent's data connection broke or
+        # the agent stopped it while we still have viewers): start a new one
+        # and re-ask for each viewer from where it stopped.
+        self.stream_wanted = False
+        if self.hub.subscribers:
+            log.info("session %s: stream %d ended with viewers left; restarting", self.session_id, stream_no)
+            self.ensure_stream()
+            for sub in self.hub.subscribers.values():
+                self.command(self.hub.restart(sub))
+
+
+@attrs.define(eq=False)
+class _ListListener:
+    """One viewer control connection's queue of session-list frames."""
+
+    send_channel: trio.MemorySendChannel[bytes]
+    receive_channel: trio.MemoryReceiveChannel[bytes]
+    limit: int
+    queued: int = 0
+    overflowed: bool = False
+
+    def put(self, frame: bytes) -> None:
+        if self.overflowed:
+            return
+        if self.queued >= self.limit:
+            self.overflowed = True
+            self.send_channel.close()
+            return
+        self.queued += 1
+        self.send_channel.send_nowait(frame)
+
+
+class Relay:
+    """A running relay: what :func:`serve_relay` hands to ``task_status.started``.
+
+    Attributes:
+      config: the configuration it runs with.
+      agent_port: the bound agent port (useful with port 0).
+      viewer_port: the bound viewer port.
+    """
+
+    def __init__(self, config: RelayConfig) -> None:
+        self.config = config
+        self.agent_port = 0
+        self.viewer_port = 0
+        self.sessions: dict[str, Session] = {}
+        self._listeners: set[_ListListener] = set()
+        self._viewer_ids = itertools.count(1)
+        self._started = time.monotonic()
+        self._ssl_context: ssl.SSLContext | None = None
+        self._counts = {
+            "agent_connections": 0,
+            "agent_data_connections": 0,
+            "viewer_connections": 0,
+            "viewer_streams": 0,
+        }
+        self._rejected: dict[str, int] = {}
+        self._bytes_out = 0
+        self._closed_hub_totals = {"batches_in": 0, "records_in": 0, "bytes_in": 0, "batches_dropped": 0, "gaps_sent": 0}
+        self._slow_disconnects = 0
+        if config.tls_cert is not None:
+            self._ssl_context = make_server_ssl_context(config.tls_cert, config.tls_key)
+
+    # -- statistics --------------------------------------------------------------
+
+    def statistics(self) -> RelayStatistics:
+        """Counters and gauges of the whole relay."""
+        totals = dict(self._closed_hub_totals)
+        queued = 0
+        for session in self.sessions.values():
+            hub = session.hub
+            totals["batches_in"] += hub.batches_in
+            totals["records_in"] += hub.records_in
+            totals["bytes_in"] += hub.bytes_in
+            totals["batches_dropped"] += hub.batches_dropped
+            totals["gaps_sent"] += hub.gaps_sent
+            queued += hub.queued_bytes
+        return RelayStatistics(
+            uptime=time.monotonic() - self._started,
+            sessions=len(self.sessions),
+            streaming_sessions=sum(1 for s in self.sessions.values() if s.data_conn is not None),
+            agent_connections=self._counts["agent_connections"],
+            agent_data_connections=self._counts["agent_data_connections"],
+            viewer_connections=self._counts["viewer_connections"],
+            viewer_streams=self._counts["viewer_streams"],
+            bytes_out=self._bytes_out,
+            slow_consumer_disconnects=self._slow_disconnects,
+            queued_bytes=queued,
+            rejected=dict(self._rejected),
+            **totals,
+        )
+
+    # -- session list -------------------------------------------------------------
+
+    def _broadcast(self, message: Message) -> None:
+        frame = encode_message(message)
+        for listener in self._listeners:
+            listener.put(frame)
+
+    def _changed(self, session: Session) -> None:
+        if not session.ended and session.session_id in self.sessions:
+            self._broadcast(SessionChanged(session=session.public_info()))
+
+    # -- connections ---------------------------------------------------------------
+
+    async def _handle(self, port_roles: frozenset[Role], stream: trio.abc.Stream) -> None:
+        peer = _peer_name(stream)
+        if self._ssl_context is not None:
+            stream = trio.SSLStream(stream, self._ssl_context, server_side=True)
+        conn = Connection(stream, max_payload=MAX_CONTROL_PAYLOAD, name=peer)
+        try:
+            hello = await self._handshake(conn, port_roles, peer)
+            if hello is None:
+                return
+            conn.name = f"{hello.role.value} {peer}"
+            handler = {
+                Role.AGENT_CONTROL: self._serve_agent_control,
+                Role.AGENT_DATA: self._serve_agent_data,
+                Role.VIEWER_CONTROL: self._serve_viewer_control,
+                Role.VIEWER_DATA: self._serve_viewer_data,
+            }[hello.role]
+            await handler(conn, hello)
+        except RemoteProtocolError as exc:
+            log.warning("%s: protocol error: %s", conn.name, exc)
+            await conn.aclose(exc.code, str(exc))
+        except ConnectionClosed as exc:
+            log.info("%s: closed: %s", conn.name, exc.reason)
+        finally:
+            await conn.aclose()
+
+    def _reject_count(self, code: ErrorCode) -> None:
+        self._rejected[code.value] = self._rejected.get(code.value, 0) + 1
+
+    async def _reject(self, conn: Connection, code: ErrorCode, reason: str) -> None:
+        self._reject_count(code)
+        log.warning("%s: rejected (%s): %s", conn.name, code.value, reason)
+        with trio.move_on_after(1.0):
+            try:
+                await conn.send_raw(encode_preamble() + encode_message(Reject(code=code, reason=reason)))
+            except ConnectionClosed:
+                pass
+
+    async def _handshake(self, conn: Connection, port_roles: frozenset[Role], peer: str) -> Hello | None:
+        """Preamble and HELLO, checked.  Returns None after rejecting the peer."""
+        try:
+            with trio.fail_after(self.config.handshake_timeout):
+                if isinstance(conn.stream, trio.SSLStream):
+                    try:
+                        await conn.stream.do_handshake()
+                    except trio.BrokenResourceError as exc:
+                        self._reject_count(ErrorCode.BAD_MAGIC)
+                        log.warning("%s: TLS handshake failed: %s", peer, exc.__cause__ or exc)
+                        return None
+                version = await conn.receive_preamble()
+                frame = await conn.receive()
+        except trio.TooSlowError:
+            self._reject_count(ErrorCode.TIMEOUT)
+            log.warning("%s: no handshake within %g s", peer, self.config.handshake_timeout)
+            return None
+        except RemoteProtocolError as exc:
+            if exc.code is ErrorCode.HTTP_REQUEST:
+                self._reject_count(exc.code)
+                log.warning("%s: HTTP request on a loupelive port", peer)
+                kind = "agents" if Role.AGENT_CONTROL in port_roles else "viewers"
+                body = (
+                    f"This is a loupelive relay port for {kind}; it speaks the loupelive "
+                    "protocol, not HTTP.\n"
+                ).encode()
+                with trio.move_on_after(1.0):
+                    try:
+                        await conn.send_raw(_HTTP_400 % (len(body), body))
+                    except ConnectionClosed:
+                        pass
+                return None
+            if exc.code is ErrorCode.TLS_ON_PLAINTEXT:
+                self._reject_count(exc.code)
+                log.warning("%s: TLS ClientHello on a plaintext port (client has TLS on, relay not)", peer)
+                return None
+            await self._reject(conn, exc.code, str(exc))
+            return None
+        except ConnectionClosed as exc:
+            log.info("%s: closed during handshake: %s", peer, exc.reason)
+            return None
+        if version != PROTOCOL_VERSION:
+            await self._reject(
+                conn,
+                ErrorCode.UNSUPPORTED_VERSION,
+                f"protocol version {version} is not supported; this relay speaks {PROTOCOL_VERSION}",
+            )
+            return None
+        if frame.kind is not FrameKind.HELLO:
+            await self._reject(conn, ErrorCode.UNEXPECTED_MESSAGE, f"expected HELLO, got {frame.kind.name}")
+            return None
+        try:
+            hello = decode_message(frame)
+        except RemoteProtocolError as exc:
+            await self._reject(conn, exc.code, str(exc))
+            return None
+        assert isinstance(hello, Hello)
+        if hello.role not in port_roles:
+            port = "agent" if Role.AGENT_CONTROL in port_roles else "viewer"
+            await self._reject(
+                conn, ErrorCode.WRONG_ROLE, f"role {hello.role.value} is not served on the {port} port"
+            )
+            return None
+        expected = self.config.agent_token if hello.role in AGENT_ROLES else self.config.viewer_token
+        if expected is not None and not hmac.compare_digest(
+            (hello.token or "").encode(), expected.encode()
+        ):
+            await self._reject(conn, ErrorCode.BAD_TOKEN, "missing or wrong token")
+            return None
+        return hello
+
+    async def _accept(self, conn: Connection, session: SessionInfo | None = None) -> None:
+        accept = Accept(
+            relay=f"loupelive/{__version__}",
+            heartbeat_interval=self.config.heartbeat_interval,
+            session=session,
+        )
+        await conn.send_raw(encode_preamble() + encode_message(accept))
+
+    async def _heartbeats(self, conn: Connection) -> None:
+        await conn.serve_heartbeats(self.config.heartbeat_interval, self.config.heartbeat_timeout)
+
+    # -- agents ------------------------------------------------------------------------
+
+    async def _serve_agent_control(self, conn: Connection, hello: Hello) -> None:
+        if hello.session is None:
+            await self._reject(conn, ErrorCode.MALFORMED, "agent_control HELLO needs a session")
+            return
+        if hello.session.session_id in self.sessions:
+            await self._reject(
+                conn, ErrorCode.SESSION_CONFLICT, f"session {hello.session.session_id} is already live"
+            )
+            return
+        if len(self.sessions) >= self.config.max_sessions:
+            await self._reject(conn, ErrorCode.LIMIT_REACHED, "the relay holds its maximum of sessions")
+            return
+        info = attrs.evolve(hello.session, connected_at=time.time(), viewers=0, streaming=False)
+        session = Session(info=info, control=conn, relay=self)
+        self.sessions[info.session_id] = session
+        self._counts["agent_connections"] += 1
+        end_code = ErrorCode.AGENT_LOST
+        end_reason = "the agent's connection was lost"
+        log.info("session %s registered: app=%r host=%r pid=%d", info.session_id, info.app, info.host, info.pid)
+        try:
+            self._broadcast(SessionAdded(session=session.public_info()))
+            await self._accept(conn, session.public_info())
+            async with trio.open_nursery() as nursery:
+                session.nursery = nursery
+                nursery.start_soon(self._heartbeats, conn)
+                nursery.start_soon(self._drain_outbox, session)
+                while True:
+                    message = await conn.receive_message()
+                    if isinstance(message, Goodbye):
+                        end_code, end_reason = ErrorCode.SESSION_ENDED, message.reason or "the session ended"
+                        # Let the data connection deliver what viewers are owed.
+                        if session.data_conn is not None:
+                            with trio.move_on_after(self.config.end_flush_timeout):
+                                await session.data_done.wait()
+                        nursery.cancel_scope.cancel()
+                        break
+                    raise RemoteProtocolError(
+                        f"unexpected {type(message).__name__} from an agent",
+                        code=ErrorCode.UNEXPECTED_MESSAGE,
+                    )
+        except ConnectionClosed as exc:
+            end_reason = f"the agent's connection was lost: {exc.reason}"
+            raise
+        finally:
+            self._end_session(session, end_code, end_reason)
+            self._counts["agent_connections"] -= 1
+
+    def _end_session(self, session: Session, code: ErrorCode, reason: str) -> None:
+        if session.ended:
+            return
+        session.ended = True
+        if session.grace_scope is not None:
+            session.grace_scope.cancel()
+        self.sessions.pop(session.session_id, None)
+        session.hub.end_all(code, reason)
+        session.outbox_send.close()
+        if session.data_scope is not None:
+            session.data_scope.cancel()
+        for key in self._closed_hub_totals:
+            self._closed_hub_totals[key] += getattr(session.hub, key)
+        session.hub.batches_in = session.hub.records_in = session.hub.bytes_in = 0
+        session.hub.batches_dropped = session.hub.gaps_sent = 0
+        self._broadcast(SessionEnded(session_id=session.session_id, reason=code.value))
+        log.info("session %s ended: %s", session.session_id, reason)
+
+    async def _drain_outbox(self, session: Session) -> None:
+        async with session.outbox_receive:
+            async for message in session.outbox_receive:
+                await session.control.send(message)
+
+    async def _serve_agent_data(self, conn: Connection, hello: Hello) -> None:
+        session = self.sessions.get(hello.session_id or "")
+        if session is None or session.control is conn:
+            await self._reject(conn, ErrorCode.UNKNOWN_SESSION, f"no live session {hello.session_id}")
+            return
+        if hello.stream != session.stream_no or not session.stream_wanted:
+            await self._reject(conn, ErrorCode.STALE_STREAM, f"stream {hello.stream} is not wanted")
+            return
+        stream_no = session.stream_no
+        conn.max_payload = MAX_DATA_PAYLOAD
+        if session.data_scope is not None:
+            # A newer stream replaces an older one still draining.
+            session.data_scope.cancel()
+        cancel_scope = trio.CancelScope()
+        session.data_conn = conn
+        session.data_scope = cancel_scope
+        session.data_done = trio.Event()
+        self._counts["agent_data_connections"] += 1
+        self._changed(session)
+        end: StreamEnd | None = None
+        log.info("session %s: stream %d connected", session.session_id, stream_no)
+        try:
+            await self._accept(conn)
+            with cancel_scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._heartbeats, conn)
+                    end = await self._read_agent_data(conn, session)
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._counts["agent_data_connections"] -= 1
+            session.data_ended(conn, stream_no, end)
+
+    async def _read_agent_data(self, conn: Connection, session: Session) -> StreamEnd:
+        hub = session.hub
+        while True:
+            frame = await conn.receive()
+            if frame.kind is FrameKind.BATCH:
+                try:
+                    header = BatchHeader.unpack(frame.payload)
+                except StreamDecodeError as exc:
+                    raise RemoteProtocolError(str(exc), code=ErrorCode.BAD_STREAM) from exc
+                hub.on_batch(header, encode_frame(FrameKind.BATCH, frame.payload))
+                continue
+            message = decode_message(frame)
+            if isinstance(message, GapNotice):
+                hub.on_gap(message)
+            elif isinstance(message, StreamEnd):
+                if message.code is ErrorCode.SESSION_ENDED:
+                    hub.end_all(message.code, message.reason or "the session ended", message.last_seq)
+                return message
+            else:
+                raise RemoteProtocolError(
+                    f"unexpected {type(message).__name__} on a data connection",
+                    code=ErrorCode.UNEXPECTED_MESSAGE,
+                )
+
+    # -- viewers -----------------------------------------------------------------------
+
+    async def _serve_viewer_control(self, conn: Connection, hello: Hello) -> None:
+        if self._counts["viewer_connections"] >= self.config.max_viewer_connections:
+            await self._reject(conn, ErrorCode.LIMIT_REACHED, "too many viewer connections")
+            return
+        send, receive = trio.open_memory_channel[bytes](math.inf)
+        listener = _ListListener(send, receive, limit=len(self.sessions) + self.config.max_list_backlog + 1)
+        # Snapshot and subscription in one synchronous step: no event can fall
+        # between them.
+        for session in self.sessions.values():
+            listener.put(encode_message(SessionAdded(session=session.public_info())))
+        listener.put(encode_message(SnapshotEnd(count=len(self.sessions))))
+        self._listeners.add(listener)
+        self._counts["viewer_connections"] += 1
+        try:
+            await self._accept(conn)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._heartbeats, conn)
+                nursery.start_soon(self._write_list, conn, listener)
+                while True:
+                    message = await conn.receive_message()
+                    raise RemoteProtocolError(
+                        f"unexpected {type(message).__name__} from a viewer",
+                        code=ErrorCode.UNEXPECTED_MESSAGE,
+                    )
+        finally:
+            self._listeners.discard(listener)
+            self._counts["viewer_connections"] -= 1
+
+    async def _write_list(self, conn: Connection, listener: _ListListener) -> None:
+        async with listener.receive_channel:
+            while True:
+                try:
+                    first = await listener.receive_channel.receive()
+                except trio.EndOfChannel:
+                    break
+                frames = [first]
+                size = len(first)
+                while size < WRITE_COALESCE:
+                    try:
+                        frames.append(listener.receive_channel.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    size += len(frames[-1])
+                listener.queued -= len(frames)
+                await conn.send_raw(b"".join(frames))
+                self._bytes_out += size
+        if listener.overflowed:
+            self._slow_disconnects += 1
+            raise RemoteProtocolError(
+                "viewer did not read its session list updates", code=ErrorCode.SLOW_CONSUMER
+            )
+
+    async def _serve_viewer_data(self, conn: Connection, hello: Hello) -> None:
+        session = self.sessions.get(hello.session_id or "")
+        if session is None:
+            await self._reject(conn, ErrorCode.UNKNOWN_SESSION, f"no live session {hello.session_id!r}")
+            return
+        if len(session.hub.subscribers) >= self.config.max_viewers_per_session:
+            await self._reject(conn, ErrorCode.LIMIT_REACHED, "this session has its maximum of viewers")
+            return
+        await self._accept(conn, session.public_info())
+        if session.ended:
+            await conn.send(StreamEnd(code=ErrorCode.SESSION_ENDED, reason="the session ended"))
+            return
+        sub = session.add_subscriber(hello)
+        self._counts["viewer_streams"] += 1
+        log.info("session %s: viewer %d joined (%s)", session.session_id, sub.id, conn.name)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._heartbeats, conn)
+                nursery.start_soon(self._watch_slow, conn, sub)
+                nursery.start_soon(self._ignore_viewer_input, conn)
+                await self._write_stream(conn, sub)
+                nursery.cancel_scope.cancel()
+        finally:
+            self._counts["viewer_streams"] -= 1
+            session.remove_subscriber(sub)
+            log.info("session %s: viewer %d left", session.session_id, sub.id)
+
+    async def _ignore_viewer_input(self, conn: Connection) -> None:
+        # A viewer sends nothing on a data connection but heartbeats; reading
+        # keeps them counted and notices when it goes away.
+        while True:
+            message = await conn.receive_message()
+            raise RemoteProtocolError(
+                f"unexpected {type(message).__name__} on a viewer data connection",
+                code=ErrorCode.UNEXPECTED_MESSAGE,
+            )
+
+    async def _watch_slow(self, conn: Connection, sub: Subscriber) -> None:
+        timeout = self.config.slow_viewer_timeout
+        while True:
+            if sub.state is SubscriberState.SKIPPING:
+                deadline = sub.skipping_since + timeout
+                if trio.current_time() >= deadline:
+                    self._slow_disconnects += 1
+                    raise RemoteProtocolError(
+                        f"viewer stayed behind for {timeout:g} s", code=ErrorCode.SLOW_CONSUMER
+                    )
+                await trio.sleep_until(deadline)
+            else:
+                await trio.sleep(min(timeout, 1.0))
+
+    async def _write_stream(self, conn: Connection, sub: Subscriber) -> None:
+        receive = sub.receive_channel
+        async with receive:
+            while True:
+                try:
+                    first = await receive.receive()
+                except trio.EndOfChannel:
+                    return
+                frames = [first]
+                size = len(first)
+                while size < WRITE_COALESCE:
+                    try:
+                        frames.append(receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    size += len(frames[-1])
+                await conn.send_raw(b"".join(frames) if len(frames) > 1 else first)
+                sub.written(size)
+                self._bytes_out += size
+
+
+def _peer_name(stream: trio.abc.Stream) -> str:
+    try:
+        sock = stream.socket  # type: ignore[attr-defined]
+        host, port = sock.getpeername()[:2]
+        return f"{host}:{port}"
+    except (AttributeError, OSError):
+        return "peer"
+
+
+def make_server_ssl_context(cert: str, key: str | None) -> ssl.SSLContext:
+    """A server context with the ssl module's secure defaults, TLS 1.2 minimum."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    return context
+
+
+async def serve_relay(
+    config: RelayConfig | None = None,
+    *,
+    task_status: trio.TaskStatus[Relay] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a relay until cancelled.
+
+    Calls ``task_status.started(relay)`` once both ports listen; ``relay`` has
+    ``agent_port``, ``viewer_port`` and ``statistics()``.
+
+    Raises:
+      OSError: a port cannot be bound.
+    """
+    config = config or RelayConfig()
+    relay = Relay(config)
+    agent_listeners = await trio.open_tcp_listeners(config.agent_port, host=config.host)
+    try:
+        viewer_listeners = await trio.open_tcp_listeners(config.viewer_port, host=config.host)
+    except BaseException:
+        for listener in agent_listeners:
+            await listener.aclose()
+        raise
+    relay.agent_port = agent_listeners[0].socket.getsockname()[1]
+    relay.viewer_port = viewer_listeners[0].socket.getsockname()[1]
+    log.info(
+        "relay listening on %s: agents on port %d, viewers on port %d%s",
+        config.host,
+        relay.agent_port,
+        relay.viewer_port,
+        " (TLS)" if config.tls else "",
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            functools.partial(
+                trio.serve_listeners,
+                functools.partial(relay._handle, AGENT_ROLES),
+                agent_listeners,
+                handler_nursery=None,
+            )
+        )
+        nursery.start_soon(
+            functools.partial(
+                trio.serve_listeners,
+                functools.partial(relay._handle, VIEWER_ROLES),
+                viewer_listeners,
+            )
+        )
+        task_status.started(relay)
+
