@@ -26,6 +26,7 @@ drops, the agent reconnects with backoff and registers the same session again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import getpass
 import itertools
 import logging
@@ -45,6 +46,8 @@ import trio
 import trio_util
 
 from . import __version__
+from ._util import collapse_groups
+from .config import DEFAULT_AGENT_PORT
 from .connection import Connection, connect
 from .errors import ConnectionClosed, ErrorCode, HandshakeRejected, RemoteProtocolError
 from .messages import (
@@ -61,7 +64,6 @@ from .messages import (
     StreamEnd,
 )
 from .records import TARGET_RAW_BATCH, BatchEncoder, Level, Record
-from .config import DEFAULT_AGENT_PORT
 from .wire import MAX_CONTROL_PAYLOAD, FrameKind, encode_frame
 
 __all__ = ["Agent", "AgentStatistics", "open_agent"]
@@ -298,6 +300,10 @@ class Agent:
                     await conn.aclose()
 
     async def _run_control(self, conn: Connection) -> None:
+        with collapse_groups():
+            await self._run_control_tasks(conn)
+
+    async def _run_control_tasks(self, conn: Connection) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._heartbeats, conn)
             while True:
@@ -330,12 +336,13 @@ class Agent:
             stream_no = await self._stream_wanted.wait_value(lambda v: v is not None)
             assert stream_no is not None
             try:
-                await self._stream(stream_no)
+                with collapse_groups():
+                    await self._stream(stream_no)
             except (OSError, ConnectionClosed, RemoteProtocolError) as exc:
                 log.warning("stream %d to %s:%d failed: %s", stream_no, self.host, self.port, exc)
                 # The relay restarts the stream with a new number if it still
                 # wants one; wait for that rather than retrying this one.
-                await self._stream_wanted.wait_value(lambda v, n=stream_no: v != n)  # type: ignore[misc]
+                await self._stream_wanted.wait_value(lambda v, n=stream_no: v != n)
             if self._closing:
                 return
 
@@ -480,8 +487,13 @@ class Agent:
             chunk_first = chunk[0].seq if chunk and index else first_seq
             chunk_last = upto if end else chunks[index + 1][0].seq - 1
             payload = await self._compress(
-                lambda c=chunk, f=chunk_first, l=chunk_last, e=end: encoder.encode_history(  # type: ignore[misc]
-                    c, viewer=request.viewer, first_seq=f, last_seq=l, end=e
+                functools.partial(
+                    encoder.encode_history,
+                    chunk,
+                    viewer=request.viewer,
+                    first_seq=chunk_first,
+                    last_seq=chunk_last,
+                    end=end,
                 ),
                 size,
             )
@@ -584,12 +596,13 @@ async def open_agent(
         sync_interval=sync_interval,
         close_timeout=close_timeout,
     )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(agent._serve_control)
-        nursery.start_soon(agent._serve_streams)
-        try:
-            yield agent
-        finally:
-            with trio.CancelScope(shield=True):
-                await agent._close()
-            nursery.cancel_scope.cancel()
+    with collapse_groups():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(agent._serve_control)
+            nursery.start_soon(agent._serve_streams)
+            try:
+                yield agent
+            finally:
+                with trio.CancelScope(shield=True):
+                    await agent._close()
+                nursery.cancel_scope.cancel()

@@ -114,7 +114,9 @@ class Connection:
             try:
                 await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise self._fail(f"{self.name}: send failed: {exc or type(exc).__name__}", ErrorCode.INTERNAL) from exc
+                raise self._fail(
+                    f"{self.name}: send failed: {exc or type(exc).__name__}", ErrorCode.INTERNAL
+                ) from exc
             except BaseException:
                 # Cancelled half-way: part of a frame may be on the wire.
                 self._fail(f"{self.name}: a send was interrupted", ErrorCode.INTERNAL)
@@ -152,7 +154,9 @@ class Connection:
             try:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise self._fail(f"{self.name}: connection lost: {exc or type(exc).__name__}", ErrorCode.INTERNAL) from exc
+                raise self._fail(
+                    f"{self.name}: connection lost: {exc or type(exc).__name__}", ErrorCode.INTERNAL
+                ) from exc
             except BaseException:
                 raise
             self.bytes_received += len(data)
@@ -193,28 +197,26 @@ class Connection:
 
     # -- liveness and closing ---------------------------------------------------
 
-    async def serve_heartbeats(self, interval: float, timeout: float) -> None:
+    async def serve_heartbeats(self, interval: float, silence: float) -> None:
         """Send heartbeats when quiet; raise when the peer is silent too long.
 
         Runs until cancelled.
 
         Raises:
-          ConnectionClosed: ``timeout`` seconds passed without a byte from the peer,
+          ConnectionClosed: ``silence`` seconds passed without a byte from the peer,
             or the connection closed.
         """
         while True:
             now = trio.current_time()
-            if now - self.last_received >= timeout:
-                raise self._fail(
-                    f"{self.name}: peer silent for {timeout:g} s", ErrorCode.TIMEOUT
-                )
+            if now - self.last_received >= silence:
+                raise self._fail(f"{self.name}: peer silent for {silence:g} s", ErrorCode.TIMEOUT)
             if now - self.last_sent >= interval:
                 # A stalled peer must not wedge the heartbeat task: the receive
                 # deadline above still applies, so bound the send by it.
-                with trio.move_on_after(timeout):
+                with trio.move_on_after(silence):
                     await self.send(Heartbeat(time=time.time()))
             self._check()
-            wake = min(self.last_sent + interval, self.last_received + timeout)
+            wake = min(self.last_sent + interval, self.last_received + silence)
             await trio.sleep_until(max(wake, trio.current_time() + interval / 10))
 
     async def aclose(self, code: ErrorCode | None = None, reason: str = "") -> None:

@@ -86,9 +86,7 @@ class Subscriber:
     receive_channel: trio.MemoryReceiveChannel[bytes] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.send_channel, self.receive_channel = trio.open_memory_channel[bytes](
-            MAX_QUEUED_ITEMS
-        )
+        self.send_channel, self.receive_channel = trio.open_memory_channel[bytes](MAX_QUEUED_ITEMS)
 
     @property
     def over_budget(self) -> bool:
@@ -204,9 +202,7 @@ class Hub:
 
     def on_gap(self, gap: GapNotice) -> None:
         """Route an agent's GAP (its buffer dropped records before sending)."""
-        frame = encode_message(
-            GapNotice(first_seq=gap.first_seq, last_seq=gap.last_seq, reason=gap.reason)
-        )
+        frame = encode_message(GapNotice(first_seq=gap.first_seq, last_seq=gap.last_seq, reason=gap.reason))
         if gap.viewer:
             sub = self.subscribers.get(gap.viewer)
             if sub is not None and sub.state is SubscriberState.PENDING:

@@ -96,7 +96,7 @@ def _get(obj: Mapping[str, Any], key: str, kind: type[T], default: Any = ...) ->
         raise _bad(f"field {key!r} must be a finite number")
     if kind is str and len(value) > MAX_INFO_STRING * 64:  # type: ignore[arg-type]
         raise _bad(f"field {key!r} is too long")
-    return value  # type: ignore[no-any-return]
+    return value
 
 
 def _get_int(obj: Mapping[str, Any], key: str, *, lo: int, hi: int, default: Any = ...) -> int:
@@ -133,9 +133,7 @@ def _check_tags(_inst: object, _attribute: object, value: dict[str, str]) -> Non
 
 def _check_session_id(_inst: object, _attribute: object, value: str) -> None:
     if not value or len(value) > 64 or not all(c.isalnum() or c in "-_." for c in value):
-        raise ValueError(
-            f"session_id must be 1-64 characters of letters, digits, '-', '_', '.': {value!r}"
-        )
+        raise ValueError(f"session_id must be 1-64 characters of letters, digits, '-', '_', '.': {value!r}")
 
 
 def _tags_converter(value: Mapping[str, object] | None) -> dict[str, str]:
@@ -586,4 +584,3 @@ def decode_message(frame: Frame) -> Message:
         raise
     except (ValueError, TypeError) as exc:
         raise _bad(f"invalid {frame.kind.name}: {exc}") from exc
-

@@ -118,6 +118,10 @@ def _fields_converter(value: Mapping[str, object] | None) -> dict[str, str]:
     return {str(k): str(v) for k, v in (value or {}).items()}
 
 
+def _to_level(value: int) -> Level:
+    return Level.from_number(value)
+
+
 def _to_microseconds(value: float) -> float:
     # The wire carries microseconds; rounding here makes a record equal to
     # itself after a round trip.
@@ -135,7 +139,7 @@ class Record:
 
     seq: int
     timestamp: float = attrs.field(converter=_to_microseconds)
-    level: Level = attrs.field(converter=Level.from_number)
+    level: Level = attrs.field(converter=_to_level)
     logger: str = ""
     message: str = ""
     thread: str = ""
@@ -268,13 +272,9 @@ class BatchHeader:
         if flags & HISTORY_END and not flags & HISTORY:
             raise StreamDecodeError("HISTORY_END without HISTORY")
         if first < 1 or last < first - 1 or count > last - first + 1:
-            raise StreamDecodeError(
-                f"inconsistent batch range {first}..{last} with {count} records"
-            )
+            raise StreamDecodeError(f"inconsistent batch range {first}..{last} with {count} records")
         if raw_len > MAX_RAW_BATCH:
-            raise StreamDecodeError(
-                f"batch announces {raw_len} uncompressed bytes (limit {MAX_RAW_BATCH})"
-            )
+            raise StreamDecodeError(f"batch announces {raw_len} uncompressed bytes (limit {MAX_RAW_BATCH})")
         return cls(
             flags=flags,
             viewer=viewer,
@@ -518,9 +518,7 @@ class BatchEncoder:
         self._compressor: brotli.Compressor | None = None
 
     def _new_compressor(self) -> brotli.Compressor:
-        return brotli.Compressor(
-            mode=brotli.MODE_TEXT, quality=self.quality, lgwin=WINDOW_BITS
-        )
+        return brotli.Compressor(mode=brotli.MODE_TEXT, quality=self.quality, lgwin=WINDOW_BITS)
 
     def encode(
         self,
@@ -539,7 +537,7 @@ class BatchEncoder:
             self._records.reset()
             sync = True
         raw = self._records.encode(records, first_seq)
-        compressed = self._compressor.process(raw) + self._compressor.flush()
+        compressed: bytes = self._compressor.process(raw) + self._compressor.flush()
         header = BatchHeader(
             flags=SYNC if sync else 0,
             viewer=0,
@@ -563,7 +561,7 @@ class BatchEncoder:
         encoder = RecordEncoder()
         raw = encoder.encode(records, first_seq)
         compressor = self._new_compressor()
-        compressed = compressor.process(raw) + compressor.finish()
+        compressed: bytes = compressor.process(raw) + compressor.finish()
         header = BatchHeader(
             flags=SYNC | HISTORY | (HISTORY_END if end else 0),
             viewer=viewer,
@@ -600,8 +598,7 @@ class BatchDecoder:
             bits = brotli_window_bits(data) if data else MAX_WINDOW_BITS
             if bits is None or bits > MAX_WINDOW_BITS:
                 raise StreamDecodeError(
-                    f"brotli window of 2**{bits} bytes is larger than the "
-                    f"accepted 2**{MAX_WINDOW_BITS}"
+                    f"brotli window of 2**{bits} bytes is larger than the accepted 2**{MAX_WINDOW_BITS}"
                 )
             self._decompressor = brotli.Decompressor()
             self._records.reset()
@@ -611,9 +608,7 @@ class BatchDecoder:
         try:
             raw = self._inflate(decompressor, data, min(header.raw_len, self.max_raw))
             if len(raw) != header.raw_len:
-                raise StreamDecodeError(
-                    f"batch inflated to {len(raw)} bytes, header said {header.raw_len}"
-                )
+                raise StreamDecodeError(f"batch inflated to {len(raw)} bytes, header said {header.raw_len}")
             records = self._records.decode(raw, header)
         except StreamDecodeError:
             self._decompressor = None
@@ -636,9 +631,7 @@ class BatchDecoder:
             while chunk:
                 total += len(chunk)
                 if total > cap:
-                    raise StreamDecodeError(
-                        f"batch inflates past its announced {cap} bytes"
-                    )
+                    raise StreamDecodeError(f"batch inflates past its announced {cap} bytes")
                 chunks.append(chunk)
                 chunk = decompressor.process(b"", output_buffer_limit=limit)
         except brotli.error as exc:

@@ -46,6 +46,7 @@ import attrs
 import trio
 
 from . import __version__
+from ._util import collapse_groups
 from .config import RelayConfig
 from .connection import Connection
 from .errors import ConnectionClosed, ErrorCode, RemoteProtocolError, StreamDecodeError
@@ -151,6 +152,8 @@ class Session:
     grace_scope: trio.CancelScope | None = None
     nursery: trio.Nursery | None = None
     ended: bool = False
+    #: The agent said GOODBYE: no more commands, its data is draining.
+    closing: bool = False
     last_sync_request: float = -math.inf
     sync_request_pending: bool = False
     #: Counters of streams that ended, folded into relay totals.
@@ -166,6 +169,8 @@ class Session:
 
     def command(self, message: Message) -> None:
         """Queue a command for the agent; drops the agent if it is not reading."""
+        if self.closing or self.ended:
+            return
         try:
             self.outbox_send.send_nowait(message)
         except trio.WouldBlock:
@@ -314,7 +319,13 @@ class Relay:
         }
         self._rejected: dict[str, int] = {}
         self._bytes_out = 0
-        self._closed_hub_totals = {"batches_in": 0, "records_in": 0, "bytes_in": 0, "batches_dropped": 0, "gaps_sent": 0}
+        self._closed_hub_totals = {
+            "batches_in": 0,
+            "records_in": 0,
+            "bytes_in": 0,
+            "batches_dropped": 0,
+            "gaps_sent": 0,
+        }
         self._slow_disconnects = 0
         if config.tls_cert is not None:
             self._ssl_context = make_server_ssl_context(config.tls_cert, config.tls_key)
@@ -361,6 +372,14 @@ class Relay:
 
     # -- connections ---------------------------------------------------------------
 
+    async def handle_agent_connection(self, stream: trio.abc.Stream) -> None:
+        """Serve one connection to the agent port (any Trio stream; TLS is added here)."""
+        await self._handle(AGENT_ROLES, stream)
+
+    async def handle_viewer_connection(self, stream: trio.abc.Stream) -> None:
+        """Serve one connection to the viewer port (any Trio stream; TLS is added here)."""
+        await self._handle(VIEWER_ROLES, stream)
+
     async def _handle(self, port_roles: frozenset[Role], stream: trio.abc.Stream) -> None:
         peer = _peer_name(stream)
         if self._ssl_context is not None:
@@ -377,12 +396,17 @@ class Relay:
                 Role.VIEWER_CONTROL: self._serve_viewer_control,
                 Role.VIEWER_DATA: self._serve_viewer_data,
             }[hello.role]
-            await handler(conn, hello)
+            with collapse_groups():
+                await handler(conn, hello)
         except RemoteProtocolError as exc:
             log.warning("%s: protocol error: %s", conn.name, exc)
             await conn.aclose(exc.code, str(exc))
         except ConnectionClosed as exc:
-            log.info("%s: closed: %s", conn.name, exc.reason)
+            log.info("%s", exc.reason)
+        except Exception:
+            # A bug in the relay: this connection goes, everyone else stays.
+            log.exception("%s: internal error", conn.name)
+            await conn.aclose(ErrorCode.INTERNAL, "internal error in the relay")
         finally:
             await conn.aclose()
 
@@ -462,9 +486,7 @@ class Relay:
             )
             return None
         expected = self.config.agent_token if hello.role in AGENT_ROLES else self.config.viewer_token
-        if expected is not None and not hmac.compare_digest(
-            (hello.token or "").encode(), expected.encode()
-        ):
+        if expected is not None and not hmac.compare_digest((hello.token or "").encode(), expected.encode()):
             await self._reject(conn, ErrorCode.BAD_TOKEN, "missing or wrong token")
             return None
         return hello
@@ -500,28 +522,33 @@ class Relay:
         self._counts["agent_connections"] += 1
         end_code = ErrorCode.AGENT_LOST
         end_reason = "the agent's connection was lost"
-        log.info("session %s registered: app=%r host=%r pid=%d", info.session_id, info.app, info.host, info.pid)
+        log.info(
+            "session %s registered: app=%r host=%r pid=%d", info.session_id, info.app, info.host, info.pid
+        )
         try:
             self._broadcast(SessionAdded(session=session.public_info()))
             await self._accept(conn, session.public_info())
-            async with trio.open_nursery() as nursery:
-                session.nursery = nursery
-                nursery.start_soon(self._heartbeats, conn)
-                nursery.start_soon(self._drain_outbox, session)
-                while True:
-                    message = await conn.receive_message()
-                    if isinstance(message, Goodbye):
-                        end_code, end_reason = ErrorCode.SESSION_ENDED, message.reason or "the session ended"
-                        # Let the data connection deliver what viewers are owed.
-                        if session.data_conn is not None:
-                            with trio.move_on_after(self.config.end_flush_timeout):
-                                await session.data_done.wait()
-                        nursery.cancel_scope.cancel()
-                        break
-                    raise RemoteProtocolError(
-                        f"unexpected {type(message).__name__} from an agent",
-                        code=ErrorCode.UNEXPECTED_MESSAGE,
-                    )
+            with collapse_groups():
+                async with trio.open_nursery() as nursery:
+                    session.nursery = nursery
+                    nursery.start_soon(self._heartbeats, conn)
+                    nursery.start_soon(self._drain_outbox, session)
+                    while True:
+                        message = await conn.receive_message()
+                        if isinstance(message, Goodbye):
+                            end_code = ErrorCode.SESSION_ENDED
+                            end_reason = message.reason or "the session ended"
+                            session.closing = True
+                            nursery.cancel_scope.cancel()
+                            break
+                        raise RemoteProtocolError(
+                            f"unexpected {type(message).__name__} from an agent",
+                            code=ErrorCode.UNEXPECTED_MESSAGE,
+                        )
+            if session.closing and session.data_conn is not None:
+                # Let the data connection deliver what viewers are owed.
+                with trio.move_on_after(self.config.end_flush_timeout):
+                    await session.data_done.wait()
         except ConnectionClosed as exc:
             end_reason = f"the agent's connection was lost: {exc.reason}"
             raise
@@ -782,21 +809,21 @@ async def serve_relay(
         relay.viewer_port,
         " (TLS)" if config.tls else "",
     )
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(
-            functools.partial(
-                trio.serve_listeners,
-                functools.partial(relay._handle, AGENT_ROLES),
-                agent_listeners,
-                handler_nursery=None,
+    with collapse_groups():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                functools.partial(
+                    trio.serve_listeners,
+                    relay.handle_agent_connection,
+                    agent_listeners,
+                    handler_nursery=None,
+                )
             )
-        )
-        nursery.start_soon(
-            functools.partial(
-                trio.serve_listeners,
-                functools.partial(relay._handle, VIEWER_ROLES),
-                viewer_listeners,
+            nursery.start_soon(
+                functools.partial(
+                    trio.serve_listeners,
+                    relay.handle_viewer_connection,
+                    viewer_listeners,
+                )
             )
-        )
-        task_status.started(relay)
-
+            task_status.started(relay)

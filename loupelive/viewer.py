@@ -27,6 +27,7 @@ from typing import Final
 import trio
 
 from . import __version__
+from ._util import collapse_groups
 from .config import DEFAULT_VIEWER_PORT
 from .connection import Connection, connect
 from .errors import ConnectionClosed, ErrorCode, LoupeError, RemoteProtocolError, SessionNotFound
@@ -138,7 +139,9 @@ class Stream:
 class Viewer:
     """A connection to a relay's viewer port.  Made by :func:`open_viewer`."""
 
-    def __init__(self, host: str, port: int, *, token: str | None, tls: bool | ssl.SSLContext, ca_file: str | None) -> None:
+    def __init__(
+        self, host: str, port: int, *, token: str | None, tls: bool | ssl.SSLContext, ca_file: str | None
+    ) -> None:
         self.host = host
         self.port = port
         self._token = token
@@ -164,7 +167,9 @@ class Viewer:
         await conn.serve_heartbeats(interval, interval * 3)
 
     async def _start(self, nursery: trio.Nursery) -> None:
-        conn, accept = await connect(self.host, self.port, self._hello(Role.VIEWER_CONTROL), tls=self._tls, ca_file=self._ca_file)
+        conn, accept = await connect(
+            self.host, self.port, self._hello(Role.VIEWER_CONTROL), tls=self._tls, ca_file=self._ca_file
+        )
         self._heartbeat_interval = accept.heartbeat_interval
         self._control = conn
         try:
@@ -310,10 +315,11 @@ class Viewer:
             max_payload=MAX_DATA_PAYLOAD,
         )
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._heartbeats, conn)
-                yield Stream(conn, accept.session, min_level)
-                nursery.cancel_scope.cancel()
+            with collapse_groups():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._heartbeats, conn)
+                    yield Stream(conn, accept.session, min_level)
+                    nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 await conn.aclose()
@@ -335,13 +341,15 @@ async def open_viewer(
       HandshakeRejected: the relay refused (AuthenticationError for a bad token).
     """
     viewer = Viewer(host, port, token=token, tls=tls, ca_file=ca_file)
-    async with trio.open_nursery() as nursery:
-        await viewer._start(nursery)
-        try:
-            yield viewer
-        finally:
-            nursery.cancel_scope.cancel()
-            if viewer._control is not None:
-                with trio.CancelScope(shield=True):
-                    await viewer._control.aclose()
-
+    try:
+        with collapse_groups():
+            async with trio.open_nursery() as nursery:
+                await viewer._start(nursery)
+                try:
+                    yield viewer
+                finally:
+                    nursery.cancel_scope.cancel()
+    finally:
+        if viewer._control is not None:
+            with trio.CancelScope(shield=True):
+                await viewer._control.aclose()

@@ -180,10 +180,7 @@ def classify_bad_preamble(data: bytes) -> ErrorCode:
     if data[:1] == bytes([_TLS_HANDSHAKE_RECORD]):
         return ErrorCode.TLS_ON_PLAINTEXT
     upper = data.upper()
-    if any(
-        upper.startswith(m) or (len(upper) < len(m) and m.startswith(upper))
-        for m in _HTTP_METHODS
-    ):
+    if any(upper.startswith(m) or (len(upper) < len(m) and m.startswith(upper)) for m in _HTTP_METHODS):
         return ErrorCode.HTTP_REQUEST
     return ErrorCode.BAD_MAGIC
 
@@ -257,13 +254,15 @@ class FrameDecoder:
                 code = classify_bad_preamble(head)
                 raise RemoteProtocolError(_BAD_PREAMBLE_TEXT[code], code=code)
             if len(buf) - start < PREAMBLE.size:
-                return self._need_more("preamble")
+                self._need_more("preamble")
+                return None
             _, version = PREAMBLE.unpack_from(buf, start)
             self._start += PREAMBLE.size
             self._need_preamble = False
             return Preamble(version)
         if len(buf) - start < HEADER.size:
-            return self._need_more("frame header")
+            self._need_more("frame header")
+            return None
         length, kind = HEADER.unpack_from(buf, start)
         if length > self.max_payload:
             raise RemoteProtocolError(
@@ -271,26 +270,23 @@ class FrameDecoder:
                 code=ErrorCode.FRAME_TOO_LARGE,
             )
         if kind not in _KINDS:
-            raise RemoteProtocolError(
-                f"unknown frame kind {kind}", code=ErrorCode.UNKNOWN_KIND
-            )
+            raise RemoteProtocolError(f"unknown frame kind {kind}", code=ErrorCode.UNKNOWN_KIND)
         end = start + HEADER.size + length
         if len(buf) < end:
-            return self._need_more("frame payload")
+            self._need_more("frame payload")
+            return None
         payload = bytes(buf[start + HEADER.size : end])
         self._start = end
         return Frame(FrameKind(kind), payload)
 
-    def _need_more(self, what: str) -> None:
+    def _need_more(self, what: str) -> None:  # returns None: "need more bytes"
         if self._eof and self.buffered:
             raise RemoteProtocolError(
                 f"connection closed in the middle of a {what}",
                 code=ErrorCode.TRUNCATED,
             )
         if self._eof and self._need_preamble:
-            raise RemoteProtocolError(
-                "connection closed before the preamble", code=ErrorCode.TRUNCATED
-            )
+            raise RemoteProtocolError("connection closed before the preamble", code=ErrorCode.TRUNCATED)
         return None
 
     @property

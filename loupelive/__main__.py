@@ -1,0 +1,5 @@
+"""``python -m loupelive``: the command line."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,526 @@
+"""The command line: ``loupelive serve | sessions | tail | pipe``.
+
+Errors a user can cause (bad arguments, an unreachable relay, an unknown
+session, a refused token) print one line on stderr and exit non-zero; no
+traceback.  Exit codes: 0 success, 1 runtime failure, 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import signal
+import ssl
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, TextIO
+
+import attrs
+import trio
+
+from . import __version__
+from ._util import leaf_exception
+from .agent import open_agent
+from .config import DEFAULT_AGENT_PORT, DEFAULT_VIEWER_PORT, RelayConfig
+from .errors import ConnectionClosed, HandshakeRejected, LoupeError, RemoteProtocolError
+from .messages import SessionAdded, SessionEnded, SessionInfo
+from .records import Gap, Level, Record
+from .relay import serve_relay
+from .viewer import open_viewer
+
+__all__ = ["main"]
+
+log = logging.getLogger("loupelive")
+
+#: Longest stdin line ``pipe`` turns into one record; longer lines are split.
+MAX_PIPE_LINE = 1024 * 1024
+
+
+class UsageError(Exception):
+    """Bad arguments found after parsing (exit code 2)."""
+
+
+def parse_address(text: str | None, default_port: int) -> tuple[str, int]:
+    """Parse ``HOST``, ``HOST:PORT``, ``:PORT`` or ``[V6]:PORT``.
+
+    Raises:
+      UsageError: not an address.
+    """
+    if not text:
+        return "127.0.0.1", default_port
+    host, port = text, ""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise UsageError(f"bad relay address {text!r}")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise UsageError(f"bad relay address {text!r}")
+        port = rest[1:]
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    host = host or "127.0.0.1"
+    if not port:
+        return host, default_port
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"bad port in relay address {text!r}")
+    return host, int(port)
+
+
+def _read_secret(path: str | None, env: str) -> str | None:
+    if path:
+        try:
+            with open(path, encoding="utf-8") as file:
+                return file.read().strip()
+        except OSError as exc:
+            raise UsageError(f"cannot read {path}: {exc.strerror}") from exc
+    return os.environ.get(env) or None
+
+
+def _client_tls(args: argparse.Namespace) -> bool | ssl.SSLContext:
+    if args.ca and not args.tls:
+        args.tls = True
+    return bool(args.tls)
+
+
+# -- serve -------------------------------------------------------------------------
+
+
+def _write_ready_file(path: str, data: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as file:
+        json.dump(data, file)
+        file.write("\n")
+    os.replace(tmp, path)
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    try:
+        config = RelayConfig(
+            host=args.host,
+            agent_port=args.agent_port,
+            viewer_port=args.viewer_port,
+            agent_token=_read_secret(args.agent_token_file, "LOUPELIVE_AGENT_TOKEN"),
+            viewer_token=_read_secret(args.viewer_token_file, "LOUPELIVE_VIEWER_TOKEN"),
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            try:
+                relay = await nursery.start(serve_relay, config)
+            except OSError as exc:
+                log.error("cannot listen: %s", exc)
+                return 1
+            except ssl.SSLError as exc:
+                log.error("cannot load the TLS certificate: %s", exc)
+                return 1
+            if args.ready_file:
+                _write_ready_file(
+                    args.ready_file,
+                    {"agent_port": relay.agent_port, "viewer_port": relay.viewer_port, "pid": os.getpid()},
+                )
+            if args.demo:
+                nursery.start_soon(_run_demo_agent, config, relay.agent_port)
+            async for signum in signals:
+                log.info("received %s, shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+    return 0
+
+
+async def _run_demo_agent(config: RelayConfig, port: int) -> None:
+    from .demo import run_demo
+
+    tls: bool | ssl.SSLContext = False
+    if config.tls_cert:
+        # In-process: trust our own certificate, whatever name it carries.
+        context = ssl.create_default_context(cafile=config.tls_cert)
+        context.check_hostname = False
+        tls = context
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+    try:
+        async with open_agent(
+            host,
+            port,
+            app="demo-shop",
+            app_version=__version__,
+            tags={"demo": "true"},
+            token=config.agent_token,
+            tls=tls,
+        ) as agent:
+            log.info("demo agent running: session %s (app demo-shop)", agent.session_id)
+            await run_demo(agent)
+    except (OSError, LoupeError) as exc:
+        log.error("demo agent failed: %s", exc)
+
+
+# -- sessions ------------------------------------------------------------------------
+
+
+def _fmt_time(ts: float) -> str:
+    if not ts:
+        return "-"
+    return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _session_table(sessions: Sequence[SessionInfo]) -> str:
+    rows = [("SESSION", "APP", "VERSION", "HOST", "PID", "USER", "STARTED", "VIEWERS", "STREAMING")]
+    for s in sorted(sessions, key=lambda s: (s.app, s.started_at)):
+        rows.append(
+            (
+                s.session_id,
+                s.app,
+                s.app_version or "-",
+                s.host,
+                str(s.pid),
+                s.user or "-",
+                _fmt_time(s.started_at),
+                str(s.viewers),
+                "yes" if s.streaming else "no",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
+
+
+def _print(out: TextIO, text: str) -> None:
+    out.write(text + "\n")
+    out.flush()
+
+
+async def _sessions(args: argparse.Namespace) -> int:
+    host, port = parse_address(args.relay, DEFAULT_VIEWER_PORT)
+    token = args.token or os.environ.get("LOUPELIVE_VIEWER_TOKEN") or None
+    async with open_viewer(host, port, token=token, tls=_client_tls(args), ca_file=args.ca) as viewer:
+        sessions = viewer.sessions()
+        out = sys.stdout
+        if args.format == "json":
+            _print(out, json.dumps([s.to_json() for s in sessions]))
+        elif sessions:
+            _print(out, _session_table(sessions))
+        else:
+            _print(out, "no live sessions")
+        if not args.watch:
+            return 0
+        async for event in viewer.session_events():
+            if args.format == "json":
+                if isinstance(event, SessionEnded):
+                    obj: dict[str, Any] = {
+                        "type": "ended",
+                        "session_id": event.session_id,
+                        "reason": event.reason,
+                    }
+                else:
+                    kind = "added" if isinstance(event, SessionAdded) else "changed"
+                    obj = {"type": kind, "session": event.session.to_json()}
+                _print(out, json.dumps(obj))
+            elif isinstance(event, SessionEnded):
+                _print(out, f"- ended   {event.session_id} ({event.reason})")
+            else:
+                s = event.session
+                sign = "+ added  " if isinstance(event, SessionAdded) else "~ changed"
+                _print(
+                    out,
+                    f"{sign} {s.session_id} app={s.app} host={s.host} pid={s.pid} "
+                    f"viewers={s.viewers} streaming={'yes' if s.streaming else 'no'}",
+                )
+    return 0
+
+
+# -- tail ------------------------------------------------------------------------------
+
+_COLOURS = {
+    Level.DEBUG: "\x1b[2m",
+    Level.INFO: "",
+    Level.WARNING: "\x1b[33m",
+    Level.ERROR: "\x1b[31m",
+    Level.CRITICAL: "\x1b[1;31m",
+}
+_RESET = "\x1b[0m"
+
+
+def format_record(record: Record, *, colour: bool) -> str:
+    """One readable line per record (plus indented exception lines)."""
+    stamp = datetime.datetime.fromtimestamp(record.timestamp).strftime("%H:%M:%S.%f")[:-3]
+    parts = [stamp, f"{record.level.name:<8}"]
+    if record.logger:
+        parts.append(record.logger)
+    if record.thread:
+        parts.append(f"[{record.thread}]")
+    line = " ".join(parts) + " " + record.message
+    if record.fields:
+        line += "  " + " ".join(f"{k}={v}" for k, v in record.fields.items())
+    if record.exception:
+        line += "\n" + "\n".join("    " + x for x in record.exception.splitlines())
+    if colour and _COLOURS[record.level]:
+        line = _COLOURS[record.level] + line + _RESET
+    return line
+
+
+def format_gap(gap: Gap, *, colour: bool) -> str:
+    count = gap.last_seq - gap.first_seq + 1
+    text = f"--- {count} record(s) not shown: seq {gap.first_seq}-{gap.last_seq} ({gap.reason}) ---"
+    return f"\x1b[7m{text}{_RESET}" if colour else text
+
+
+async def _tail(args: argparse.Namespace) -> int:
+    host, port = parse_address(args.relay, DEFAULT_VIEWER_PORT)
+    token = args.token or os.environ.get("LOUPELIVE_VIEWER_TOKEN") or None
+    try:
+        level = Level.parse(args.level) if args.level else Level.DEBUG
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    out = sys.stdout
+    colour = args.format == "text" and out.isatty() and "NO_COLOR" not in os.environ
+    async with open_viewer(host, port, token=token, tls=_client_tls(args), ca_file=args.ca) as viewer:
+        info = await viewer.wait_for_session(args.session) if args.wait else viewer.find_session(args.session)
+        async with viewer.open_stream(info.session_id, history=args.history, min_level=level) as stream:
+            if args.format == "text":
+                log.info("watching session %s (%s on %s)", info.session_id, info.app, info.host)
+            async for item in stream:
+                if args.format == "json":
+                    if isinstance(item, Record):
+                        obj: dict[str, Any] = {"type": "record", **item.to_json()}
+                    else:
+                        obj = {"type": "gap", **attrs.asdict(item)}
+                    out.write(json.dumps(obj) + "\n")
+                else:
+                    line = (
+                        format_record(item, colour=colour)
+                        if isinstance(item, Record)
+                        else format_gap(item, colour=colour)
+                    )
+                    out.write(line + "\n")
+                out.flush()
+            reason = stream.end_code.value if stream.end_code else "closed"
+            if args.format == "json":
+                _print(
+                    out,
+                    json.dumps({"type": "session_ended", "session_id": info.session_id, "reason": reason}),
+                )
+            else:
+                log.warning("session %s ended (%s)", info.session_id, reason)
+    return 0
+
+
+# -- pipe ------------------------------------------------------------------------------
+
+
+def _json_line_to_kwargs(line: str) -> dict[str, Any]:
+    obj = json.loads(line)
+    if not isinstance(obj, dict):
+        raise ValueError("not a JSON object")
+    level = obj.get("level", "INFO")
+    kwargs: dict[str, Any] = {
+        "level": Level.parse(level if isinstance(level, (str, int)) else "INFO"),
+        "message": str(obj.get("message", "")),
+        "logger": str(obj.get("logger", "") or ""),
+        "thread": str(obj.get("thread", "") or ""),
+        "exception": None if obj.get("exception") is None else str(obj["exception"]),
+        "fields": obj.get("fields") if isinstance(obj.get("fields"), dict) else None,
+    }
+    ts = obj.get("timestamp")
+    if isinstance(ts, (int, float)) and not isinstance(ts, bool):
+        kwargs["timestamp"] = float(ts)
+    return kwargs
+
+
+async def _pipe(args: argparse.Namespace) -> int:
+    host, port = parse_address(args.relay, DEFAULT_AGENT_PORT)
+    token = args.token or os.environ.get("LOUPELIVE_AGENT_TOKEN") or None
+    stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+    bad_lines = 0
+    async with (
+        stdin,
+        open_agent(
+            host,
+            port,
+            app=args.app,
+            app_version=args.app_version,
+            token=token,
+            tls=_client_tls(args),
+            ca_file=args.ca,
+        ) as agent,
+    ):
+        log.info("session %s: publishing stdin as app %s", agent.session_id, args.app)
+        pending = b""
+        while True:
+            chunk = await stdin.receive_some(65536)
+            data = pending + chunk
+            lines = data.split(b"\n")
+            pending = lines.pop() if chunk else b""
+            while len(pending) > MAX_PIPE_LINE:
+                lines.append(pending[:MAX_PIPE_LINE])
+                pending = pending[MAX_PIPE_LINE:]
+            for raw in lines:
+                text = raw.decode("utf-8", "replace").rstrip("\r")
+                if not chunk and not text:
+                    continue
+                if args.format == "json":
+                    try:
+                        agent.log(**_json_line_to_kwargs(text))
+                        continue
+                    except ValueError as exc:
+                        bad_lines += 1
+                        if bad_lines == 1:
+                            log.warning("line is not a JSON record (%s); sending it as text", exc)
+                agent.log(Level.INFO, text, logger="stdin", thread="")
+            if not chunk:
+                break
+            # Let the streamer run between reads of a fast producer.
+            await trio.lowlevel.checkpoint()
+    return 0
+
+
+# -- entry point --------------------------------------------------------------------------
+
+
+def _client_options(parser: argparse.ArgumentParser, default_port: int, token_env: str) -> None:
+    parser.add_argument(
+        "--relay", metavar="HOST[:PORT]", help=f"relay address (default 127.0.0.1:{default_port})"
+    )
+    parser.add_argument("--token", help=f"access token (default: ${token_env})")
+    parser.add_argument("--tls", action="store_true", help="connect with TLS (system trust store)")
+    parser.add_argument("--ca", metavar="FILE", help="trust this CA bundle for TLS (implies --tls)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loupelive", description="Watch application logs live through a relay."
+    )
+    parser.add_argument("--version", action="version", version=f"loupelive {__version__}")
+    parser.add_argument("--log-level", default="INFO", help="logging level on stderr (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the relay")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument(
+        "--agent-port",
+        type=int,
+        default=DEFAULT_AGENT_PORT,
+        help=f"port for agents (default {DEFAULT_AGENT_PORT}; 0: any free port)",
+    )
+    serve.add_argument(
+        "--viewer-port",
+        type=int,
+        default=DEFAULT_VIEWER_PORT,
+        help=f"port for viewers (default {DEFAULT_VIEWER_PORT}; 0: any free port)",
+    )
+    serve.add_argument(
+        "--ready-file",
+        metavar="PATH",
+        help="write {agent_port, viewer_port, pid} as JSON here once listening",
+    )
+    serve.add_argument(
+        "--demo", action="store_true", help="also run a demo agent that logs realistic records"
+    )
+    serve.add_argument(
+        "--agent-token-file",
+        metavar="FILE",
+        help="require this agent token (default: $LOUPELIVE_AGENT_TOKEN)",
+    )
+    serve.add_argument(
+        "--viewer-token-file",
+        metavar="FILE",
+        help="require this viewer token (default: $LOUPELIVE_VIEWER_TOKEN)",
+    )
+    serve.add_argument(
+        "--tls-cert", metavar="FILE", help="PEM certificate (chain allowed): TLS on both ports"
+    )
+    serve.add_argument("--tls-key", metavar="FILE", help="PEM private key for --tls-cert")
+
+    sessions = sub.add_parser("sessions", help="list live sessions")
+    _client_options(sessions, DEFAULT_VIEWER_PORT, "LOUPELIVE_VIEWER_TOKEN")
+    sessions.add_argument("--format", choices=["text", "json"], default="text")
+    sessions.add_argument("--watch", action="store_true", help="keep printing changes to the list")
+
+    tail = sub.add_parser("tail", help="print a session's records as they arrive")
+    tail.add_argument("session", metavar="SESSION", help="session id, unambiguous id prefix, or app name")
+    _client_options(tail, DEFAULT_VIEWER_PORT, "LOUPELIVE_VIEWER_TOKEN")
+    tail.add_argument("--wait", action="store_true", help="wait for the session to appear")
+    tail.add_argument("--history", type=int, default=0, metavar="N", help="start with up to N recent records")
+    tail.add_argument("--level", metavar="LEVEL", help="minimum level: debug, info, warning, error, critical")
+    tail.add_argument("--format", choices=["text", "json"], default="text")
+
+    pipe = sub.add_parser("pipe", help="publish stdin lines as a session")
+    pipe.add_argument("--app", required=True, help="application name to register")
+    pipe.add_argument("--app-version", default="", help="application version to register")
+    _client_options(pipe, DEFAULT_AGENT_PORT, "LOUPELIVE_AGENT_TOKEN")
+    pipe.add_argument(
+        "--format",
+        choices=["text", "json"],
+        default="text",
+        help="text: one INFO record per line; json: one JSON record object per line",
+    )
+    return parser
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {
+    "serve": _serve,
+    "sessions": _sessions,
+    "tail": _tail,
+    "pipe": _pipe,
+}
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    sys.stderr.write(f"loupelive: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(code)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the command line (the ``loupelive`` console script)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        level = Level.parse(args.log_level).value
+    except ValueError as exc:
+        parser.error(str(exc))
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        if args.command == "serve"
+        else "loupelive: %(message)s",
+    )
+    if getattr(args, "history", 0) < 0:
+        parser.error("--history must not be negative")
+    try:
+        try:
+            code = trio.run(_COMMANDS[args.command], args)
+        except BaseExceptionGroup as group:
+            raise leaf_exception(group) from None
+    except UsageError as exc:
+        _fail(str(exc), 2)
+    except KeyboardInterrupt:
+        code = 130
+    except BrokenPipeError:
+        # The reader went away (``tail | head``): not an error.
+        try:
+            sys.stdout.close()
+        except BrokenPipeError:
+            pass
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = 0
+    except HandshakeRejected as exc:
+        _fail(f"the relay refused: {exc.reason} ({exc.code.value})")
+    except ConnectionClosed as exc:
+        _fail(f"connection to the relay closed: {exc.reason} ({exc.code.value})")
+    except RemoteProtocolError as exc:
+        _fail(f"protocol error: {exc} ({exc.code.value})")
+    except LoupeError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        target = getattr(args, "relay", None) or "the relay"
+        _fail(f"cannot reach {target}: {exc.strerror or exc}")
+    raise SystemExit(code)
