@@ -46,7 +46,7 @@ from .messages import (
 from .records import BatchDecoder, Gap, Level, Record
 from .wire import MAX_DATA_PAYLOAD, FrameKind
 
-__all__ = ["SessionEvent", "Stream", "Viewer", "open_viewer"]
+__all__ = ["SessionEvent", "SessionEvents", "Stream", "Viewer", "open_viewer"]
 
 SessionEvent = SessionAdded | SessionChanged | SessionEnded
 
@@ -136,6 +136,45 @@ class Stream:
             )
 
 
+class SessionEvents:
+    """An async iterator of :data:`SessionEvent` (see :meth:`Viewer.session_events`).
+
+    Raises (from ``anext``):
+      ConnectionClosed: the viewer's connection to the relay closed.
+      LoupeError: this iterator fell more than 10,000 events behind; re-read
+        ``sessions()`` and call ``session_events()`` again.
+    """
+
+    def __init__(
+        self,
+        viewer: Viewer,
+        send: trio.MemorySendChannel[SessionEvent],
+        receive: trio.MemoryReceiveChannel[SessionEvent],
+    ) -> None:
+        self._viewer = viewer
+        self._send = send
+        self._receive = receive
+
+    def __aiter__(self) -> SessionEvents:
+        return self
+
+    async def __anext__(self) -> SessionEvent:
+        try:
+            return await self._receive.receive()
+        except trio.EndOfChannel:
+            if self._viewer._closed is not None:
+                raise self._viewer._closed from None
+            raise LoupeError("session events fell too far behind; re-read sessions()") from None
+        except trio.ClosedResourceError:
+            raise StopAsyncIteration from None
+
+    async def aclose(self) -> None:
+        """Stop receiving events."""
+        self._viewer._listeners.discard(self._send)
+        self._send.close()
+        await self._receive.aclose()
+
+
 class Viewer:
     """A connection to a relay's viewer port.  Made by :func:`open_viewer`."""
 
@@ -148,7 +187,7 @@ class Viewer:
         self._tls = tls
         self._ca_file = ca_file
         self._sessions: dict[str, SessionInfo] = {}
-        self._listeners: set[trio.MemorySendChannel[SessionEvent | LoupeError]] = set()
+        self._listeners: set[trio.MemorySendChannel[SessionEvent]] = set()
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._heartbeat_interval = 5.0
@@ -206,6 +245,8 @@ class Viewer:
                 for listener in list(self._listeners):
                     try:
                         listener.send_nowait(message)  # type: ignore[arg-type]
+                    except trio.ClosedResourceError:
+                        self._listeners.discard(listener)
                     except trio.WouldBlock:
                         self._listeners.discard(listener)
                         listener.close()
@@ -217,30 +258,16 @@ class Viewer:
                 listener.close()
             self._changed.set()
 
-    async def session_events(self) -> AsyncIterator[SessionEvent]:
-        """Iterate over session list changes from now on.
+    def session_events(self) -> SessionEvents:
+        """Iterate over session list changes from this call on.
 
-        Raises:
-          ConnectionClosed: the viewer's connection to the relay closed.
-          LoupeError: this iterator fell more than 10,000 events behind.
+        Events are buffered from the moment of the call (not of the first
+        ``anext``), so nothing between the call and the loop is missed.
         """
-        send, receive = trio.open_memory_channel[SessionEvent | LoupeError](MAX_EVENT_BACKLOG)
+        send, receive = trio.open_memory_channel[SessionEvent](MAX_EVENT_BACKLOG)
+        events = SessionEvents(self, send, receive)
         self._listeners.add(send)
-        try:
-            async with receive:
-                while True:
-                    try:
-                        event = await receive.receive()
-                    except trio.EndOfChannel:
-                        if self._closed is not None:
-                            raise self._closed from None
-                        if send in self._listeners:  # pragma: no cover
-                            return
-                        raise LoupeError("session events fell too far behind; re-read sessions()") from None
-                    assert not isinstance(event, LoupeError)
-                    yield event
-        finally:
-            self._listeners.discard(send)
+        return events
 
     def find_session(self, name: str) -> SessionInfo:
         """Resolve a session id, an unambiguous id prefix, or an app with one live session.
