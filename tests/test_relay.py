@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 import loupelive
@@ -83,7 +85,7 @@ async def test_two_viewers_receive_every_record_in_order(relay: loupelive.Relay)
             for i in range(count):
                 agent.log(Level.INFO, f"record {i}", logger="load", fields={"i": str(i)})
                 if i % 100 == 0:
-                    await trio.sleep(0)
+                    await trio.lowlevel.checkpoint()
             for sink in sinks:
                 await sink.wait_count(count)
             nursery.cancel_scope.cancel()
@@ -129,7 +131,7 @@ async def test_late_viewer_joins_a_running_stream_without_disturbing_others(rela
                 for i in range(500):
                     agent.log(Level.INFO, f"b{i}")
                     if i % 50 == 0:
-                        await trio.sleep(0)
+                        await trio.lowlevel.checkpoint()
                 await early_sink.wait_count(1000)
                 await late_sink.wait_count(1000)
                 nursery.cancel_scope.cancel()
@@ -254,11 +256,10 @@ async def test_agent_connection_loss_ends_the_session_for_viewers(relay: loupeli
 async def test_unknown_session_is_refused(relay: loupelive.Relay) -> None:
     with trio.fail_after(TEST_TIMEOUT):
         async with loupelive.open_viewer("127.0.0.1", relay.viewer_port) as viewer:
-            try:
+            with pytest.raises(loupelive.HandshakeRejected) as exc_info:
                 async with viewer.open_stream("no-such-session"):
                     raise AssertionError("opened a stream for a session that does not exist")
-            except loupelive.HandshakeRejected as exc:
-                assert exc.code is loupelive.ErrorCode.UNKNOWN_SESSION
+            assert exc_info.value.code is loupelive.ErrorCode.UNKNOWN_SESSION
 
 
 async def test_tokens_are_checked_per_role(nursery: trio.Nursery) -> None:
