@@ -268,16 +268,13 @@ async def test_tokens_are_checked_per_role(nursery: trio.Nursery) -> None:
     )
     with trio.fail_after(TEST_TIMEOUT):
         for token in (None, "wrong", "v-secret"):
-            try:
+            with pytest.raises(loupelive.AuthenticationError) as exc_info:
                 async with loupelive.open_agent("127.0.0.1", relay.agent_port, app="x", token=token):
                     raise AssertionError("agent accepted with a bad token")
-            except loupelive.AuthenticationError as exc:
-                assert exc.code is loupelive.ErrorCode.BAD_TOKEN
-        try:
+            assert exc_info.value.code is loupelive.ErrorCode.BAD_TOKEN
+        with pytest.raises(loupelive.AuthenticationError):
             async with loupelive.open_viewer("127.0.0.1", relay.viewer_port, token="a-secret"):
                 raise AssertionError("viewer accepted with the agent token")
-        except loupelive.AuthenticationError:
-            pass
         async with (
             loupelive.open_agent("127.0.0.1", relay.agent_port, app="ok", token="a-secret") as agent,
             loupelive.open_viewer("127.0.0.1", relay.viewer_port, token="v-secret") as viewer,
