@@ -73,7 +73,10 @@ class Connection:
         self.name = name
         self._decoder = FrameDecoder(max_payload=max_payload)
         self._send_lock = trio.Lock()
+        # Sending and receiving fail separately: after the peer sent garbage we
+        # can (and should) still tell it why we are closing.
         self._closed: ConnectionClosed | None = None
+        self._receive_error: Exception | None = None
         self.last_sent = trio.current_time()
         self.last_received = trio.current_time()
         self.bytes_received = 0
@@ -95,10 +98,22 @@ class Connection:
         if self._closed is not None:
             raise self._closed
 
+    def _check_receive(self) -> None:
+        if self._receive_error is not None:
+            raise self._receive_error
+        self._check()
+
     def _fail(self, reason: str, code: ErrorCode) -> ConnectionClosed:
+        """The connection is unusable both ways."""
         if self._closed is None:
             self._closed = ConnectionClosed(reason, code=code)
         return self._closed
+
+    def _fail_receive(self, error: Exception) -> Exception:
+        """Nothing more can be received, but a CLOSE can still be sent."""
+        if self._receive_error is None:
+            self._receive_error = error
+        return self._receive_error
 
     # -- sending ---------------------------------------------------------------
 
@@ -139,18 +154,19 @@ class Connection:
     # -- receiving ---------------------------------------------------------------
 
     async def _receive_event(self) -> Preamble | Frame:
-        self._check()
+        self._check_receive()
         while True:
             try:
                 event = self._decoder.next_event()
             except RemoteProtocolError as exc:
-                self._fail(f"{self.name}: {exc}", exc.code)
-                raise
+                raise self._fail_receive(exc) from None
             if event is not None:
                 self.last_received = trio.current_time()
                 return event
             if self._decoder.at_eof:
-                raise self._fail(f"{self.name}: peer closed the connection", ErrorCode.INTERNAL)
+                raise self._fail_receive(
+                    ConnectionClosed(f"{self.name}: peer closed the connection", code=ErrorCode.INTERNAL)
+                )
             try:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -188,7 +204,9 @@ class Connection:
             if event.kind is FrameKind.CLOSE:
                 close = decode_message(event)
                 assert isinstance(close, Close)
-                raise self._fail(close.reason or "peer closed the connection", close.code)
+                raise self._fail_receive(
+                    ConnectionClosed(close.reason or "peer closed the connection", code=close.code)
+                )
             return event
 
     async def receive_message(self) -> Message:
@@ -209,7 +227,9 @@ class Connection:
         while True:
             now = trio.current_time()
             if now - self.last_received >= silence:
-                raise self._fail(f"{self.name}: peer silent for {silence:g} s", ErrorCode.TIMEOUT)
+                raise self._fail_receive(
+                    ConnectionClosed(f"{self.name}: peer silent for {silence:g} s", code=ErrorCode.TIMEOUT)
+                )
             if now - self.last_sent >= interval:
                 # A stalled peer must not wedge the heartbeat task: the receive
                 # deadline above still applies, so bound the send by it.

@@ -289,8 +289,11 @@ class _ListListener:
             self.overflowed = True
             self.send_channel.close()
             return
+        try:
+            self.send_channel.send_nowait(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return  # the viewer is going away; its handler unsubscribes it
         self.queued += 1
-        self.send_channel.send_nowait(frame)
 
 
 class Relay:
