@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import random
 import string
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -42,9 +42,9 @@ Handler = Callable[[trio.abc.Stream], object]
 
 
 @pytest.fixture
-async def mem_relay(nursery: trio.Nursery) -> AsyncIterator[tuple[loupelive.Relay, trio.Nursery]]:
+async def mem_relay(nursery: trio.Nursery) -> tuple[loupelive.Relay, trio.Nursery]:
     relay = loupelive.Relay(test_config(heartbeat_interval=1.0, heartbeat_timeout=3.0, handshake_timeout=2.0))
-    yield relay, nursery
+    return relay, nursery
 
 
 def connect(nursery: trio.Nursery, handler: Handler, *, lockstep: bool = False) -> RawPeer:
