@@ -297,11 +297,28 @@ async def connect(
                     await stream.do_handshake()
                 except trio.BrokenResourceError as exc:
                     cause = exc.__cause__
+                    hint = (
+                        ""
+                        if isinstance(cause, ssl.SSLCertVerificationError)
+                        else " (if the relay does not use TLS, connect without TLS)"
+                    )
                     raise ConnectionClosed(
-                        f"TLS handshake with {host}:{port} failed: {cause or exc}"
+                        f"TLS handshake with {host}:{port} failed: {cause or exc}{hint}",
+                        code=ErrorCode.BAD_MAGIC,
                     ) from exc
             await conn.send_raw(encode_preamble() + encode_message(hello))
-            version = await conn.receive_preamble()
+            try:
+                version = await conn.receive_preamble()
+            except (RemoteProtocolError, ConnectionClosed) as exc:
+                if context is not None:
+                    raise
+                # A TLS relay fails its handshake on our plaintext preamble:
+                # it answers with a TLS alert record (0x15) or just closes.
+                raise ConnectionClosed(
+                    f"relay {host}:{port} did not answer the loupelive handshake ({exc}); "
+                    "if the relay uses TLS, connect with TLS (--tls)",
+                    code=ErrorCode.BAD_MAGIC,
+                ) from exc
             frame = await conn.receive()
             if frame.kind is FrameKind.REJECT:
                 reject = decode_message(frame)
