@@ -63,7 +63,7 @@ from .messages import (
     StopStream,
     StreamEnd,
 )
-from .records import TARGET_RAW_BATCH, BatchEncoder, Level, Record
+from .records import TARGET_RAW_BATCH, BatchEncoder, Level, Record, clip_record, text_size
 from .wire import MAX_CONTROL_PAYLOAD, FrameKind, encode_frame
 
 __all__ = ["Agent", "AgentStatistics", "open_agent"]
@@ -101,11 +101,12 @@ GAP_HISTORY_UNAVAILABLE: Final = "history_unavailable"
 
 
 def _record_size(record: Record) -> int:
-    size = _RECORD_OVERHEAD + len(record.message) + len(record.logger) + len(record.thread)
+    """Encoded size, slightly over-estimated (exact text bytes, generous framing)."""
+    size = _RECORD_OVERHEAD + text_size(record.message) + text_size(record.logger) + text_size(record.thread)
     if record.exception:
-        size += len(record.exception)
+        size += text_size(record.exception)
     for key, value in record.fields.items():
-        size += len(key) + len(value)
+        size += text_size(key) + text_size(value) + 8
     return size
 
 
@@ -214,6 +215,7 @@ class Agent:
         seq = self._next_seq
         if record.seq != seq:
             record = attrs.evolve(record, seq=seq)
+        record = clip_record(record)
         self._next_seq += 1
         self._buffer.append(record)
         self._buffered_bytes += _record_size(record)

@@ -553,7 +553,11 @@ def encode_message(message: Message) -> bytes:
     """Return ``message`` as one frame, ready to write."""
     try:
         payload = json.dumps(
-            message.to_json(), separators=(",", ":"), ensure_ascii=False, default=_default
+            message.to_json(),
+            separators=(",", ":"),
+            ensure_ascii=False,
+            allow_nan=False,
+            default=_default,
         ).encode("utf-8")
     except (TypeError, ValueError) as exc:
         raise LocalProtocolError(f"cannot encode {message!r}: {exc}") from exc
@@ -573,9 +577,14 @@ def decode_message(frame: Frame) -> Message:
             f"{frame.kind.name} frames are not JSON messages", code=ErrorCode.UNEXPECTED_MESSAGE
         )
     try:
-        obj = json.loads(frame.payload)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise _bad(f"{frame.kind.name} payload is not JSON: {exc}") from exc
+        text = frame.payload.decode("utf-8")
+        obj = json.loads(text)
+        # JSON can escape lone surrogates (\ud800) that no UTF-8 encoder can
+        # write back: refuse them here rather than fail when relaying them.
+        if "\\u" in text:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except (UnicodeError, ValueError, RecursionError) as exc:
+        raise _bad(f"{frame.kind.name} payload is not valid UTF-8 JSON: {exc}") from exc
     if not isinstance(obj, dict):
         raise _bad(f"{frame.kind.name} payload must be a JSON object")
     try:

@@ -122,10 +122,18 @@ def _to_level(value: int) -> Level:
     return Level.from_number(value)
 
 
+#: Timestamps beyond this many seconds from the epoch (about year 33,000) are
+#: refused: the wire's varints must stay within 64 bits.
+MAX_TIMESTAMP: Final = 1e12
+
+
 def _to_microseconds(value: float) -> float:
     # The wire carries microseconds; rounding here makes a record equal to
     # itself after a round trip.
-    return round(float(value) * 1_000_000) / 1_000_000
+    value = float(value)
+    if not -MAX_TIMESTAMP <= value <= MAX_TIMESTAMP:  # also refuses NaN
+        raise ValueError(f"timestamp out of range: {value!r}")
+    return round(value * 1_000_000) / 1_000_000
 
 
 @attrs.frozen(kw_only=True)
@@ -194,11 +202,18 @@ _KNOWN_FLAGS: Final = SYNC | HISTORY | HISTORY_END
 MAX_RAW_BATCH: Final = 4 * 1024 * 1024
 
 #: Where agents cut a batch (uncompressed bytes).
-TARGET_RAW_BATCH: Final = 256 * 1024
+TARGET_RAW_BATCH: Final = 128 * 1024
 
-#: Longest message or exception text kept in a record; longer text is cut and
-#: marked, so one record always fits in a batch.
-MAX_TEXT: Final = 1024 * 1024
+#: Longest message or exception kept in a record (UTF-8 bytes); longer text is
+#: cut and marked.  With the other limits below, one record encodes to at most
+#: about 840 KiB, so a batch of TARGET_RAW_BATCH plus one record always fits a
+#: data frame (1 MiB) even when it does not compress at all.
+MAX_TEXT: Final = 256 * 1024
+#: Longest logger name, thread name or field key (UTF-8 bytes).
+MAX_NAME: Final = 1024
+#: Longest field value (UTF-8 bytes) and most fields per record.
+MAX_FIELD_VALUE: Final = 4096
+MAX_FIELDS: Final = 64
 
 #: Entries in a context's string table.
 STRING_TABLE_MAX: Final = 4096
@@ -303,10 +318,53 @@ def _unzigzag(value: int) -> int:
     return (value >> 1) if not value & 1 else -((value + 1) >> 1)
 
 
-def _clip(text: str) -> str:
-    if len(text) <= MAX_TEXT:
+def text_size(text: str) -> int:
+    """UTF-8 size of ``text``; O(1) for ASCII, the common case."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def clip_text(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` UTF-8 bytes (plus a marker) if longer."""
+    if len(text) <= limit // 4 or text_size(text) <= limit:
         return text
-    return text[:MAX_TEXT] + f"… [loupelive: {len(text) - MAX_TEXT} characters cut]"
+    data = text.encode("utf-8", "surrogatepass")
+    kept = data[:limit].decode("utf-8", "ignore")
+    return kept + f"… [loupelive: {len(data) - len(kept.encode('utf-8', 'surrogatepass'))} bytes cut]"
+
+
+def clip_record(record: Record) -> Record:
+    """``record`` within the size limits (the same object when it already is).
+
+    Cut text is marked, never silently shortened; fields beyond
+    :data:`MAX_FIELDS` are replaced by one ``loupelive.fields_cut`` field.
+    """
+    fields = record.fields
+    fits = (
+        text_size(record.message) <= MAX_TEXT
+        and (record.exception is None or text_size(record.exception) <= MAX_TEXT)
+        and text_size(record.logger) <= MAX_NAME
+        and text_size(record.thread) <= MAX_NAME
+        and len(fields) <= MAX_FIELDS
+        and all(text_size(k) <= MAX_NAME and text_size(v) <= MAX_FIELD_VALUE for k, v in fields.items())
+    )
+    if fits:
+        return record
+    items = list(fields.items())
+    clipped = {clip_text(k, MAX_NAME): clip_text(v, MAX_FIELD_VALUE) for k, v in items[: MAX_FIELDS - 1]}
+    if len(items) >= MAX_FIELDS:
+        if len(items) == MAX_FIELDS:
+            k, v = items[-1]
+            clipped[clip_text(k, MAX_NAME)] = clip_text(v, MAX_FIELD_VALUE)
+        else:
+            clipped["loupelive.fields_cut"] = str(len(items) - (MAX_FIELDS - 1))
+    return attrs.evolve(
+        record,
+        message=clip_text(record.message, MAX_TEXT),
+        exception=None if record.exception is None else clip_text(record.exception, MAX_TEXT),
+        logger=clip_text(record.logger, MAX_NAME),
+        thread=clip_text(record.thread, MAX_NAME),
+        fields=clipped,
+    )
 
 
 class RecordEncoder:
@@ -336,7 +394,7 @@ class RecordEncoder:
 
     @staticmethod
     def _text(out: bytearray, text: str) -> None:
-        data = _clip(text).encode("utf-8", "surrogatepass")
+        data = text.encode("utf-8", "surrogatepass")
         _put_varint(out, len(data))
         out += data
 
@@ -345,6 +403,7 @@ class RecordEncoder:
         out = bytearray()
         prev_seq = first_seq - 1
         for record in records:
+            record = clip_record(record)
             if record.seq <= prev_seq:
                 raise LocalProtocolError("records must have increasing seqs")
             _put_varint(out, record.seq - prev_seq)
@@ -592,25 +651,25 @@ class BatchDecoder:
         Raises:
           StreamDecodeError: malformed header, undecodable or oversized data.
         """
-        header = BatchHeader.unpack(payload)
-        data = payload[BATCH_HEADER.size :]
-        if header.sync:
-            bits = brotli_window_bits(data) if data else MAX_WINDOW_BITS
-            if bits is None or bits > MAX_WINDOW_BITS:
-                raise StreamDecodeError(
-                    f"brotli window of 2**{bits} bytes is larger than the accepted 2**{MAX_WINDOW_BITS}"
-                )
-            self._decompressor = brotli.Decompressor()
-            self._records.reset()
-        elif self._decompressor is None:
-            raise StreamDecodeError("stream does not start at a sync point")
-        decompressor = self._decompressor
         try:
-            raw = self._inflate(decompressor, data, min(header.raw_len, self.max_raw))
+            header = BatchHeader.unpack(payload)
+            data = payload[BATCH_HEADER.size :]
+            if header.sync:
+                bits = brotli_window_bits(data) if data else MAX_WINDOW_BITS
+                if bits is None or bits > MAX_WINDOW_BITS:
+                    raise StreamDecodeError(
+                        f"brotli window of 2**{bits} bytes is larger than the accepted 2**{MAX_WINDOW_BITS}"
+                    )
+                self._decompressor = brotli.Decompressor()
+                self._records.reset()
+            elif self._decompressor is None:
+                raise StreamDecodeError("stream does not start at a sync point")
+            raw = self._inflate(self._decompressor, data, min(header.raw_len, self.max_raw))
             if len(raw) != header.raw_len:
                 raise StreamDecodeError(f"batch inflated to {len(raw)} bytes, header said {header.raw_len}")
             records = self._records.decode(raw, header)
         except StreamDecodeError:
+            # Whatever failed, the context is lost until the next sync point.
             self._decompressor = None
             raise
         if header.history:

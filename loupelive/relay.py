@@ -40,6 +40,7 @@ import logging
 import math
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import attrs
@@ -180,14 +181,23 @@ class Session:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
 
+    def _spawn(self, async_fn: Callable[[], Awaitable[None]]) -> bool:
+        """Start a task in the session's nursery, unless the session is over."""
+        if self.nursery is None or self.closing or self.ended:
+            return False
+        try:
+            self.nursery.start_soon(async_fn)
+        except RuntimeError:  # the nursery is closing: the session is ending
+            return False
+        return True
+
     def request_sync(self) -> None:
         now = trio.current_time()
         if now - self.last_sync_request >= SYNC_REQUEST_INTERVAL:
             self.last_sync_request = now
             self.command(RequestSync())
-        elif not self.sync_request_pending and self.nursery is not None:
+        elif not self.sync_request_pending and self._spawn(self._delayed_sync_request):
             self.sync_request_pending = True
-            self.nursery.start_soon(self._delayed_sync_request)
 
     async def _delayed_sync_request(self) -> None:
         await trio.sleep_until(self.last_sync_request + SYNC_REQUEST_INTERVAL)
@@ -233,8 +243,8 @@ class Session:
         if self.ended:
             return
         self.command(RemoveViewer(viewer=sub.id))
-        if not self.hub.subscribers and self.stream_wanted and self.nursery is not None:
-            self.nursery.start_soon(self._grace_then_stop)
+        if not self.hub.subscribers and self.stream_wanted:
+            self._spawn(self._grace_then_stop)
         self.relay._changed(self)
 
     async def _grace_then_stop(self) -> None:

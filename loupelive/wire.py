@@ -175,6 +175,14 @@ def encode_frame(kind: FrameKind, payload: bytes = b"") -> bytes:
     return HEADER.pack(len(payload), kind) + payload
 
 
+def _http_undecided(data: bytes) -> bool:
+    """True while ``data`` could still become an HTTP method or something else."""
+    upper = data.upper()
+    if any(upper.startswith(m) for m in _HTTP_METHODS):
+        return False
+    return any(m.startswith(upper) and len(upper) < len(m) for m in _HTTP_METHODS)
+
+
 def classify_bad_preamble(data: bytes) -> ErrorCode:
     """Say what a peer whose first bytes are ``data`` (not our magic) speaks."""
     if data[:1] == bytes([_TLS_HANDSHAKE_RECORD]):
@@ -251,6 +259,10 @@ class FrameDecoder:
         if self._need_preamble:
             head = bytes(buf[start : start + len(MAGIC)])
             if not MAGIC.startswith(head):
+                # Decide only when more bytes cannot change the answer, so
+                # the code is the same however the bytes are split.
+                if not self._eof and _http_undecided(head):
+                    return None
                 code = classify_bad_preamble(head)
                 raise RemoteProtocolError(_BAD_PREAMBLE_TEXT[code], code=code)
             if len(buf) - start < PREAMBLE.size:
