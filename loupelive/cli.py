@@ -43,6 +43,10 @@ class UsageError(Exception):
     """Bad arguments found after parsing (exit code 2)."""
 
 
+class CommandError(Exception):
+    """A command failed in a way the user can act on (exit code 1)."""
+
+
 def parse_address(text: str | None, default_port: int) -> tuple[str, int]:
     """Parse ``HOST``, ``HOST:PORT``, ``:PORT`` or ``[V6]:PORT``.
 
@@ -114,12 +118,15 @@ async def _serve(args: argparse.Namespace) -> int:
         async with trio.open_nursery() as nursery:
             try:
                 relay = await nursery.start(serve_relay, config)
-            except OSError as exc:
-                log.error("cannot listen: %s", exc)
-                return 1
             except ssl.SSLError as exc:
-                log.error("cannot load the TLS certificate: %s", exc)
-                return 1
+                raise CommandError(f"cannot load the TLS certificate or key: {exc}") from exc
+            except OSError as exc:
+                if exc.filename:  # a certificate or key file
+                    raise CommandError(f"cannot read {exc.filename}: {exc.strerror or exc}") from exc
+                raise CommandError(
+                    f"cannot listen on {config.host} (agent port {config.agent_port}, "
+                    f"viewer port {config.viewer_port}): {exc.strerror or exc}"
+                ) from exc
             if args.ready_file:
                 _write_ready_file(
                     args.ready_file,
@@ -501,16 +508,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise leaf_exception(group) from None
     except UsageError as exc:
         _fail(str(exc), 2)
+    except CommandError as exc:
+        _fail(str(exc))
     except KeyboardInterrupt:
         code = 130
     except BrokenPipeError:
-        # The reader went away (``tail | head``): not an error.
-        try:
-            sys.stdout.close()
-        except BrokenPipeError:
-            pass
+        # The reader went away (``tail | head``): not an error.  Point stdout
+        # at /dev/null so the interpreter's final flush does not fail too.
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, 1)
         code = 0
     except HandshakeRejected as exc:
         _fail(f"the relay refused: {exc.reason} ({exc.code.value})")
