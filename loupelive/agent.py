@@ -176,6 +176,7 @@ class Agent:
         self._sent_upto = 0
         self._heartbeat_interval = 5.0
         self._control: Connection | None = None
+        self._data_conn: Connection | None = None
 
     @property
     def session_id(self) -> str:
@@ -354,6 +355,7 @@ class Agent:
 
     async def _stream(self, stream_no: int) -> None:
         conn = await self._connect(self._hello(Role.AGENT_DATA, session_id=self.session_id, stream=stream_no))
+        self._data_conn = conn
         encoder = BatchEncoder(quality=self._quality)
         self._sent_upto = self._next_seq - 1
         self._streaming.value = True

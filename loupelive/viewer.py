@@ -19,7 +19,9 @@ reported, as a :class:`Gap` with reason ``missing``: a loss is never silent.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import math
 import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import Final
@@ -65,12 +67,15 @@ class Stream:
     the relay cut off (e.g. ``slow_consumer``) raises :class:`ConnectionClosed`.
     """
 
-    def __init__(self, conn: Connection, info: SessionInfo | None, min_level: Level | int) -> None:
+    def __init__(
+        self, conn: Connection, info: SessionInfo | None, min_level: Level | int, *, silence: float
+    ) -> None:
         self._conn = conn
+        self._silence = silence
         self.session = info
         self.min_level = int(min_level)
         self._decoder = BatchDecoder()
-        self._ready: list[Record | Gap] = []
+        self._ready: collections.deque[Record | Gap] = collections.deque()
         self._last_seq: int | None = None
         self.end_code: ErrorCode | None = None
         self.end_reason = ""
@@ -90,7 +95,7 @@ class Stream:
             if self.end_code is not None:
                 raise StopAsyncIteration
             await self._fill()
-        return self._ready.pop(0) if len(self._ready) > 1 else self._ready.pop()
+        return self._ready.popleft()
 
     def _cover(self, first: int, last: int) -> None:
         """Account for a range about to be delivered; report any hole before it."""
@@ -101,7 +106,15 @@ class Stream:
             self._last_seq = last
 
     async def _fill(self) -> None:
-        frame = await self._conn.receive()
+        # Liveness is checked only while the application is reading: a slow
+        # consumer is the relay's business (it skips or drops it), not a
+        # reason to think the relay is gone.  The relay heartbeats when idle.
+        with trio.move_on_after(self._silence) as scope:
+            frame = await self._conn.receive()
+        if scope.cancelled_caught:
+            raise ConnectionClosed(
+                f"relay silent for {self._silence:g} s on the stream", code=ErrorCode.TIMEOUT
+            )
         if frame.kind is FrameKind.BATCH:
             header, records = self._decoder.decode(frame.payload)
             start = self._last_seq
@@ -344,8 +357,10 @@ class Viewer:
         try:
             with collapse_groups():
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._heartbeats, conn)
-                    yield Stream(conn, accept.session, min_level)
+                    # Heartbeats out only; the stream checks the relay's side.
+                    interval = self._heartbeat_interval
+                    nursery.start_soon(conn.serve_heartbeats, interval, math.inf)
+                    yield Stream(conn, accept.session, min_level, silence=interval * 3)
                     nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):

@@ -302,3 +302,32 @@ async def test_statistics_count_traffic(relay: loupelive.Relay) -> None:
             assert stats.sessions == 1 and stats.viewer_streams == 1 and stats.agent_connections == 1
             assert stats.records_in >= 100 and stats.bytes_in > 0 and stats.bytes_out > 0
             assert stats.batches_dropped == 0 and stats.gaps_sent == 0
+
+
+async def test_data_connection_loss_resumes_without_gap_or_duplicate(relay: loupelive.Relay) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with (
+            loupelive.open_agent("127.0.0.1", relay.agent_port, app="flaky") as agent,
+            loupelive.open_viewer("127.0.0.1", relay.viewer_port) as viewer,
+            viewer.open_stream(agent.session_id) as stream,
+            trio.open_nursery() as nursery,
+        ):
+            sink = Sink()
+            nursery.start_soon(sink.run, stream)
+            await wait_until(lambda: agent.statistics().viewers == 1)
+            for i in range(200):
+                agent.log(Level.INFO, f"before {i}")
+            await sink.wait_count(200)
+            # Break the data connection under the agent's feet.
+            first = agent._data_conn
+            assert first is not None
+            await trio.aclose_forcefully(first.stream)
+            for i in range(200):
+                agent.log(Level.INFO, f"during {i}")
+            await wait_until(lambda: agent._data_conn is not first and agent.statistics().streaming)
+            for i in range(200):
+                agent.log(Level.INFO, f"after {i}")
+            await sink.wait_count(600)
+            nursery.cancel_scope.cancel()
+        assert sink.seqs() == list(range(1, 601))
+        assert not [item for item in sink.items if isinstance(item, Gap)]
