@@ -23,7 +23,7 @@ from .errors import (
 )
 from .messages import SessionAdded, SessionChanged, SessionEnded, SessionInfo
 from .records import Gap, Level, Record
-from .relay import Relay, RelayStatistics, serve_relay
+from .relay import Relay, RelayStatistics, SessionStatistics, ViewerStatistics, serve_relay
 from .viewer import SessionEvent, Stream, Viewer, open_viewer
 
 __all__ = [
@@ -49,9 +49,11 @@ __all__ = [
     "SessionEvent",
     "SessionInfo",
     "SessionNotFound",
+    "SessionStatistics",
     "Stream",
     "StreamDecodeError",
     "Viewer",
+    "ViewerStatistics",
     "__version__",
     "open_agent",
     "open_viewer",

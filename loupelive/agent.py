@@ -48,7 +48,7 @@ import trio_util
 from . import __version__
 from ._util import collapse_groups
 from .config import DEFAULT_AGENT_PORT
-from .connection import Connection, connect
+from .connection import Connection, Connector, connect
 from .errors import ConnectionClosed, ErrorCode, HandshakeRejected, RemoteProtocolError
 from .messages import (
     AddViewer,
@@ -75,9 +75,11 @@ log = logging.getLogger("loupelive.agent")
 DEFAULT_BUFFER_RECORDS: Final = 10_000
 DEFAULT_BUFFER_BYTES: Final = 16 * 1024 * 1024
 
-#: Wait this long after the first new record before cutting a batch, so a burst
-#: becomes one batch (better compression, fewer writes) at a latency nobody sees.
-DEFAULT_LINGER: Final = 0.02
+#: No fixed batching delay by default: a record logged while the data
+#: connection is idle goes out at once; records logged while a send is in flight
+#: accumulate and leave together as the next batch, so a flood batches itself.
+#: A positive ``max_delay`` trades latency for fewer, larger batches.
+DEFAULT_MAX_DELAY: Final = 0.0
 
 #: A fresh compression context at least this often even if nobody asks: bounds
 #: how long a viewer that skipped ahead waits for a sync point.
@@ -141,11 +143,13 @@ class Agent:
         buffer_records: int,
         buffer_bytes: int,
         quality: int,
-        linger: float,
+        max_delay: float,
         sync_interval: float,
         close_timeout: float,
+        connector: Connector | None = None,
     ) -> None:
         self.host = host
+        self._connector = connector
         self.port = port
         self.info = info
         self._token = token
@@ -156,7 +160,7 @@ class Agent:
         self._buffer_bytes_max = buffer_bytes
         self._buffered_bytes = 0
         self._quality = quality
-        self._linger = linger
+        self._max_delay = max_delay
         self._sync_interval = sync_interval
         self._close_timeout = close_timeout
         self._next_seq = 1
@@ -251,7 +255,13 @@ class Agent:
 
     async def _connect(self, hello: Hello) -> Connection:
         conn, accept = await connect(
-            self.host, self.port, hello, tls=self._tls, ca_file=self._ca_file, max_payload=MAX_CONTROL_PAYLOAD
+            self.host,
+            self.port,
+            hello,
+            tls=self._tls,
+            ca_file=self._ca_file,
+            max_payload=MAX_CONTROL_PAYLOAD,
+            connector=self._connector,
         )
         self._heartbeat_interval = accept.heartbeat_interval
         return conn
@@ -349,6 +359,13 @@ class Agent:
             if self._closing:
                 return
 
+    async def _wait_for_batch(self) -> None:
+        """With ``max_delay``: wait until a batch's worth is logged, or the delay."""
+        with trio.move_on_after(self._max_delay):
+            start = self._next_seq
+            while (self._next_seq - start) * _RECORD_OVERHEAD < TARGET_RAW_BATCH and not self._closing:
+                await self._wait_wake()
+
     async def _wait_wake(self) -> None:
         await self._wake.wait()
         self._wake = trio.Event()
@@ -381,8 +398,8 @@ class Agent:
                     if self._closing or self._stream_wanted.value != stream_no:
                         break
                     await self._wait_wake()
-                    if self._linger > 0 and not self._closing and not self._pending:
-                        await trio.sleep(self._linger)
+                    if self._max_delay > 0 and not self._closing and not self._pending:
+                        await self._wait_for_batch()
                 code = ErrorCode.SESSION_ENDED if self._closing else ErrorCode.STOPPED
                 await conn.send(StreamEnd(code=code, reason="", last_seq=self._sent_upto))
                 nursery.cancel_scope.cancel()
@@ -560,7 +577,8 @@ async def open_agent(
     buffer_records: int = DEFAULT_BUFFER_RECORDS,
     buffer_bytes: int = DEFAULT_BUFFER_BYTES,
     quality: int = 5,
-    linger: float = DEFAULT_LINGER,
+    max_delay: float = DEFAULT_MAX_DELAY,
+    connector: Connector | None = None,
     sync_interval: float = DEFAULT_SYNC_INTERVAL,
     close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
 ) -> AsyncIterator[Agent]:
@@ -579,6 +597,10 @@ async def open_agent(
         ``ssl.SSLContext``.
       buffer_records, buffer_bytes: ring buffer bounds.
       quality: brotli quality 2..11.
+      max_delay: seconds a batch may wait to fill (default 0: send at once
+        when idle; a flood batches itself while sends are in flight).
+      connector: ``async (host, port) -> trio.abc.Stream`` replacing TCP
+        (e.g. :meth:`Relay.memory_connector` for in-process tests).
 
     Raises:
       OSError: the relay cannot be reached.
@@ -596,7 +618,8 @@ async def open_agent(
         buffer_records=buffer_records,
         buffer_bytes=buffer_bytes,
         quality=quality,
-        linger=linger,
+        max_delay=max_delay,
+        connector=connector,
         sync_interval=sync_interval,
         close_timeout=close_timeout,
     )

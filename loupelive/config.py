@@ -28,6 +28,11 @@ def _non_negative(_inst: object, attribute: attrs.Attribute[Any], value: float) 
         raise ValueError(f"{attribute.name} must not be negative, not {value}")
 
 
+def _share(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not 0 < value <= 1:
+        raise ValueError(f"{attribute.name} must be in (0, 1], not {value}")
+
+
 @attrs.frozen(kw_only=True)
 class RelayConfig:
     """Everything a relay can be told.  Validated when built (``ValueError``).
@@ -51,6 +56,9 @@ class RelayConfig:
     heartbeat_interval: float = attrs.field(default=5.0, validator=_positive)
     #: … and a peer silent this long is dropped (three missed heartbeats).
     heartbeat_timeout: float = attrs.field(default=15.0, validator=_positive)
+    #: A write that makes no progress for this long means the peer stopped
+    #: reading: its connection is closed (viewers: ``slow_consumer``).
+    send_timeout: float = attrs.field(default=30.0, validator=_positive)
     #: Preamble + HELLO (and the TLS handshake) must complete within this.
     handshake_timeout: float = attrs.field(default=10.0, validator=_positive)
     #: After the last viewer of a session leaves, keep the stream this long
@@ -64,6 +72,10 @@ class RelayConfig:
     viewer_queue_bytes: int = attrs.field(default=8 * 1024 * 1024, validator=_positive)
     #: A viewer that stays behind this long is disconnected (``slow_consumer``).
     slow_viewer_timeout: float = attrs.field(default=30.0, validator=_positive)
+    #: … as is a viewer that has lost more than this share of the records
+    #: offered to it (once at least ``slow_viewer_min_records`` were offered).
+    slow_viewer_max_loss: float = attrs.field(default=0.5, validator=_share)
+    slow_viewer_min_records: int = attrs.field(default=10_000, validator=_positive)
     #: Limits against resource exhaustion.
     max_sessions: int = attrs.field(default=100_000, validator=_positive)
     max_viewers_per_session: int = attrs.field(default=1_000, validator=_positive)

@@ -20,8 +20,10 @@ timeout tears the connection's tasks down.
 
 from __future__ import annotations
 
+import math
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 import trio
@@ -45,12 +47,18 @@ from .wire import (
     encode_preamble,
 )
 
-__all__ = ["Connection", "connect"]
+__all__ = ["Connection", "Connector", "connect"]
+
+#: How a client opens its byte stream to ``(host, port)``; TCP by default.
+Connector = Callable[[str, int], Awaitable[trio.abc.Stream]]
 
 #: Bytes asked for per read: large enough that a busy data connection needs few
 #: reads (NOTES.md: 256 KiB reads are markedly faster for bulk), small enough
 #: that idle connections cost little (Trio allocates per call, not per stream).
 RECEIVE_SIZE: Final = 256 * 1024
+
+#: Writes are split into chunks of this size for the send deadline.
+SEND_CHUNK: Final = 64 * 1024
 
 #: How long a CLOSE frame may take to leave before we give up and just close.
 CLOSE_SEND_TIMEOUT: Final = 1.0
@@ -68,9 +76,19 @@ class Connection:
       name: how log messages and errors name this connection.
     """
 
-    def __init__(self, stream: trio.abc.Stream, *, max_payload: int, name: str = "") -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        max_payload: int,
+        name: str = "",
+        send_timeout: float = math.inf,
+    ) -> None:
         self.stream = stream
         self.name = name
+        #: A send that makes no progress for this long means the peer stopped
+        #: reading (a stalled TCP peer): the connection fails with ``timeout``.
+        self.send_timeout = send_timeout
         self._decoder = FrameDecoder(max_payload=max_payload)
         self._send_lock = trio.Lock()
         # Sending and receiving fail separately: after the peer sent garbage we
@@ -127,7 +145,17 @@ class Connection:
         async with self._send_lock:
             self._check()
             try:
-                await self.stream.send_all(data)
+                # The deadline is per chunk: it catches a peer that stopped
+                # reading, not a slow link that is still making progress.
+                view = memoryview(data)
+                for offset in range(0, len(view), SEND_CHUNK):
+                    with trio.fail_after(self.send_timeout):
+                        await self.stream.send_all(view[offset : offset + SEND_CHUNK])
+            except trio.TooSlowError:
+                raise self._fail(
+                    f"{self.name}: peer stopped reading (send blocked for {self.send_timeout:g} s)",
+                    ErrorCode.TIMEOUT,
+                ) from None
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise self._fail(
                     f"{self.name}: send failed: {exc or type(exc).__name__}", ErrorCode.INTERNAL
@@ -272,6 +300,7 @@ async def connect(
     ca_file: str | None = None,
     max_payload: int = MAX_CONTROL_PAYLOAD,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    connector: Connector | None = None,
 ) -> tuple[Connection, Accept]:
     """Open a connection to a relay and complete the handshake.
 
@@ -285,7 +314,7 @@ async def connect(
       RemoteProtocolError: the peer is not a loupelive relay.
     """
     context = _client_ssl_context(tls, ca_file)
-    tcp = await trio.open_tcp_stream(host, port)
+    tcp = await (connector or trio.open_tcp_stream)(host, port)
     stream: trio.abc.Stream = tcp
     if context is not None:
         stream = trio.SSLStream(tcp, context, server_hostname=host, https_compatible=False)
@@ -336,6 +365,9 @@ async def connect(
                 )
             accept = decode_message(frame)
             assert isinstance(accept, Accept)
+            # The relay heartbeats every interval; a write blocked for three
+            # intervals means it stopped reading.
+            conn.send_timeout = accept.heartbeat_interval * 3
     except trio.TooSlowError as exc:
         await conn.aclose()
         raise ConnectionClosed(

@@ -26,7 +26,8 @@ stream from a sync point and must see every seq exactly once:
     once the queue has drained below half the budget, it gets a GAP naming
     exactly the seqs it lost (reason ``viewer_slow``) and then that sync batch.
     The other viewers never notice.  A viewer that stays here longer than
-    ``slow_viewer_timeout`` is disconnected by its handler.
+    ``slow_viewer_timeout``, or that has lost more than ``max_loss`` of the
+    records offered to it, is disconnected by its handler (``slow_consumer``).
 
 Bytes are counted when queued and uncounted by the viewer's writer task when
 written, so ``queued_bytes`` is what this viewer holds in relay memory.
@@ -35,6 +36,7 @@ written, so ``queued_bytes`` is what this viewer holds in relay memory.
 from __future__ import annotations
 
 import enum
+import logging
 import math
 from collections.abc import Callable
 from typing import Final
@@ -51,6 +53,8 @@ __all__ = ["Hub", "Subscriber", "SubscriberState"]
 #: Items a subscriber's channel may hold, on top of the byte budget: GAP and
 #: STREAM_END frames are tiny, so a byte budget alone would not bound them.
 MAX_QUEUED_ITEMS: Final = 65_536
+
+log = logging.getLogger("loupelive.relay")
 
 GAP_VIEWER_SLOW: Final = "viewer_slow"
 GAP_STREAM_RESTART: Final = "stream_restart"
@@ -71,6 +75,10 @@ class Subscriber:
     id: int
     request: AddViewer
     budget: int
+    #: Disconnect once more than this share of offered records was dropped …
+    max_loss: float = 1.0
+    #: … counted only once at least this many were offered.
+    min_records: int = 0
     state: SubscriberState = SubscriberState.PENDING
     #: The last seq covered by what was queued for this viewer.
     last_seq: int = 0
@@ -81,7 +89,12 @@ class Subscriber:
     frames_queued: int = 0
     bytes_queued_total: int = 0
     batches_dropped: int = 0
+    records_offered: int = 0
+    records_dropped: int = 0
     gaps: int = 0
+    bytes_written: int = 0
+    #: Set when the viewer has lost too large a share: its handler closes it.
+    too_lossy: trio.Event = attrs.Factory(trio.Event)
     send_channel: trio.MemorySendChannel[bytes] = attrs.field(init=False)
     receive_channel: trio.MemoryReceiveChannel[bytes] = attrs.field(init=False)
 
@@ -106,6 +119,16 @@ class Subscriber:
     def written(self, nbytes: int) -> None:
         """Called by the viewer's writer once ``nbytes`` left the relay."""
         self.queued_bytes -= nbytes
+        self.bytes_written += nbytes
+
+    def dropped(self, header: BatchHeader) -> None:
+        self.batches_dropped += 1
+        self.records_dropped += header.count
+        if (
+            self.records_offered >= self.min_records
+            and self.records_dropped > self.max_loss * self.records_offered
+        ):
+            self.too_lossy.set()
 
     def end(self, message: StreamEnd) -> None:
         """Queue the final frame and close the channel (idempotent)."""
@@ -127,14 +150,30 @@ class Hub:
     """
 
     request_sync: Callable[[], None]
+    #: How log lines name this hub's session.
+    name: str = "session"
     subscribers: dict[int, Subscriber] = attrs.Factory(dict)
+    records_dropped: int = 0
+    bytes_out: int = 0
     batches_in: int = 0
     bytes_in: int = 0
     records_in: int = 0
     batches_dropped: int = 0
     gaps_sent: int = 0
 
+    def _dropped(self, sub: Subscriber, header: BatchHeader) -> None:
+        sub.dropped(header)
+        self.batches_dropped += 1
+        self.records_dropped += header.count
+
     def _skip(self, sub: Subscriber, from_seq: int) -> None:
+        log.warning(
+            "%s: viewer %d is behind (%d bytes queued, budget %d): skipping to the next sync point",
+            self.name,
+            sub.id,
+            sub.queued_bytes,
+            sub.budget,
+        )
         sub.state = SubscriberState.SKIPPING
         sub.skip_from = from_seq
         sub.skipping_since = trio.current_time()
@@ -163,13 +202,14 @@ class Hub:
             return
         for sub in self.subscribers.values():
             state = sub.state
+            if state is not SubscriberState.PENDING and header.last_seq > sub.last_seq:
+                sub.records_offered += header.count
             if state is SubscriberState.LIVE:
                 if header.last_seq <= sub.last_seq:
                     continue
                 if sub.over_budget or not sub.put(frame):
                     self._skip(sub, max(header.first_seq, sub.last_seq + 1))
-                    sub.batches_dropped += 1
-                    self.batches_dropped += 1
+                    self._dropped(sub, header)
                 else:
                     sub.last_seq = header.last_seq
             elif state is SubscriberState.WAIT_SYNC:
@@ -181,17 +221,25 @@ class Hub:
                     # The agent owes this viewer a sync point right after its
                     # history; a batch that is not one cannot be decoded.
                     self._skip(sub, sub.last_seq + 1)
-                    sub.batches_dropped += 1
-                    self.batches_dropped += 1
+                    self._dropped(sub, header)
             elif state is SubscriberState.SKIPPING:
                 if header.sync and sub.queued_bytes <= sub.budget // 2:
                     self._start_live(sub, header, frame, GAP_VIEWER_SLOW)
                 else:
-                    sub.batches_dropped += 1
-                    self.batches_dropped += 1
+                    self._dropped(sub, header)
 
     def _start_live(self, sub: Subscriber, header: BatchHeader, frame: bytes, reason: str) -> None:
         first_missing = sub.skip_from if sub.state is SubscriberState.SKIPPING else sub.last_seq + 1
+        if sub.state is SubscriberState.SKIPPING:
+            log.info(
+                "%s: viewer %d caught up at seq %d; lost seqs %d-%d (%s)",
+                self.name,
+                sub.id,
+                header.first_seq,
+                first_missing,
+                header.first_seq - 1,
+                reason,
+            )
         self._gap(sub, first_missing, header.first_seq - 1, reason)
         if sub.put(frame):
             sub.state = SubscriberState.LIVE

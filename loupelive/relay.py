@@ -41,15 +41,16 @@ import math
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import attrs
 import trio
+import trio.testing
 
 from . import __version__
 from ._util import collapse_groups
 from .config import RelayConfig
-from .connection import Connection
+from .connection import Connection, Connector
 from .errors import ConnectionClosed, ErrorCode, RemoteProtocolError, StreamDecodeError
 from .hub import Hub, Subscriber, SubscriberState
 from .messages import (
@@ -86,7 +87,7 @@ from .wire import (
     encode_preamble,
 )
 
-__all__ = ["Relay", "RelayStatistics", "serve_relay"]
+__all__ = ["Relay", "RelayStatistics", "SessionStatistics", "ViewerStatistics", "serve_relay"]
 
 log = logging.getLogger("loupelive.relay")
 
@@ -125,14 +126,50 @@ class RelayStatistics:
     records_in: int
     bytes_in: int
     bytes_out: int
+    records_dropped: int
     batches_dropped: int
     gaps_sent: int
     slow_consumer_disconnects: int
     queued_bytes: int
     rejected: dict[str, int]
+    #: Per session, with ``statistics(detail=True)``; empty otherwise.
+    session_details: tuple[SessionStatistics, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return attrs.asdict(self)
+
+
+@attrs.frozen(kw_only=True)
+class ViewerStatistics:
+    """One viewer of one session (a viewer data connection)."""
+
+    viewer: int
+    state: str
+    queued_bytes: int
+    bytes_out: int
+    records_offered: int
+    records_dropped: int
+    batches_dropped: int
+    gaps: int
+
+
+@attrs.frozen(kw_only=True)
+class SessionStatistics:
+    """One session: what came in from its agent and went out to its viewers."""
+
+    session_id: str
+    app: str
+    streaming: bool
+    batches_in: int
+    records_in: int
+    bytes_in: int
+    bytes_out: int
+    records_dropped: int
+    batches_dropped: int
+    gaps_sent: int
+    slow_consumer_disconnects: int
+    queued_bytes: int
+    viewers: tuple[ViewerStatistics, ...]
 
 
 @attrs.define(eq=False)
@@ -157,11 +194,10 @@ class Session:
     closing: bool = False
     last_sync_request: float = -math.inf
     sync_request_pending: bool = False
-    #: Counters of streams that ended, folded into relay totals.
-    bytes_out: int = 0
+    slow_disconnects: int = 0
 
     def __attrs_post_init__(self) -> None:
-        self.hub = Hub(request_sync=self.request_sync)
+        self.hub = Hub(request_sync=self.request_sync, name=f"session {self.info.session_id}")
         self.outbox_send, self.outbox_receive = trio.open_memory_channel[Message](MAX_OUTBOX)
 
     @property
@@ -229,7 +265,14 @@ class Session:
             min_level=hello.min_level,
             after_seq=hello.after_seq,
         )
-        sub = Subscriber(id=viewer_id, request=request, budget=self.relay.config.viewer_queue_bytes)
+        config = self.relay.config
+        sub = Subscriber(
+            id=viewer_id,
+            request=request,
+            budget=config.viewer_queue_bytes,
+            max_loss=config.slow_viewer_max_loss,
+            min_records=config.slow_viewer_min_records,
+        )
         self.hub.subscribers[viewer_id] = sub
         self.ensure_stream()
         self.command(request)
@@ -324,6 +367,7 @@ class Relay:
         self._viewer_ids = itertools.count(1)
         self._started = time.monotonic()
         self._ssl_context: ssl.SSLContext | None = None
+        self._nursery: trio.Nursery | None = None
         self._counts = {
             "agent_connections": 0,
             "agent_data_connections": 0,
@@ -332,30 +376,24 @@ class Relay:
         }
         self._rejected: dict[str, int] = {}
         self._bytes_out = 0
-        self._closed_hub_totals = {
-            "batches_in": 0,
-            "records_in": 0,
-            "bytes_in": 0,
-            "batches_dropped": 0,
-            "gaps_sent": 0,
-        }
+        # Totals of sessions that ended, so relay counters never go backwards.
+        self._closed_hub_totals = dict.fromkeys(
+            ("batches_in", "records_in", "bytes_in", "records_dropped", "batches_dropped", "gaps_sent"), 0
+        )
         self._slow_disconnects = 0
         if config.tls_cert is not None:
             self._ssl_context = make_server_ssl_context(config.tls_cert, config.tls_key)
 
     # -- statistics --------------------------------------------------------------
 
-    def statistics(self) -> RelayStatistics:
-        """Counters and gauges of the whole relay."""
+    def statistics(self, *, detail: bool = False) -> RelayStatistics:
+        """Counters and gauges of the whole relay (and per session with ``detail``)."""
         totals = dict(self._closed_hub_totals)
         queued = 0
         for session in self.sessions.values():
             hub = session.hub
-            totals["batches_in"] += hub.batches_in
-            totals["records_in"] += hub.records_in
-            totals["bytes_in"] += hub.bytes_in
-            totals["batches_dropped"] += hub.batches_dropped
-            totals["gaps_sent"] += hub.gaps_sent
+            for key in totals:
+                totals[key] += getattr(hub, key)
             queued += hub.queued_bytes
         return RelayStatistics(
             uptime=time.monotonic() - self._started,
@@ -369,7 +407,41 @@ class Relay:
             slow_consumer_disconnects=self._slow_disconnects,
             queued_bytes=queued,
             rejected=dict(self._rejected),
+            session_details=tuple(self._session_statistics(s) for s in self.sessions.values())
+            if detail
+            else (),
             **totals,
+        )
+
+    @staticmethod
+    def _session_statistics(session: Session) -> SessionStatistics:
+        hub = session.hub
+        return SessionStatistics(
+            session_id=session.session_id,
+            app=session.info.app,
+            streaming=session.data_conn is not None,
+            batches_in=hub.batches_in,
+            records_in=hub.records_in,
+            bytes_in=hub.bytes_in,
+            bytes_out=hub.bytes_out,
+            records_dropped=hub.records_dropped,
+            batches_dropped=hub.batches_dropped,
+            gaps_sent=hub.gaps_sent,
+            slow_consumer_disconnects=session.slow_disconnects,
+            queued_bytes=hub.queued_bytes,
+            viewers=tuple(
+                ViewerStatistics(
+                    viewer=sub.id,
+                    state=sub.state.value,
+                    queued_bytes=sub.queued_bytes,
+                    bytes_out=sub.bytes_written,
+                    records_offered=sub.records_offered,
+                    records_dropped=sub.records_dropped,
+                    batches_dropped=sub.batches_dropped,
+                    gaps=sub.gaps,
+                )
+                for sub in hub.subscribers.values()
+            ),
         )
 
     # -- session list -------------------------------------------------------------
@@ -385,6 +457,24 @@ class Relay:
 
     # -- connections ---------------------------------------------------------------
 
+    def memory_connector(self, port: Literal["agent", "viewer"]) -> Connector:
+        """A ``connector`` for clients that reaches this relay over in-memory streams.
+
+        For tests in one Trio run: no sockets, so a ``MockClock`` with autojump
+        drives every timer of relay and clients in virtual time.  Only for a
+        relay started with :func:`serve_relay` (its connections run there).
+        """
+        handler = self.handle_agent_connection if port == "agent" else self.handle_viewer_connection
+
+        async def connect(host: str, port_number: int) -> trio.abc.Stream:
+            if self._nursery is None:
+                raise RuntimeError("memory_connector() needs a relay started with serve_relay()")
+            client, server = trio.testing.memory_stream_pair()
+            self._nursery.start_soon(handler, server)
+            return client
+
+        return connect
+
     async def handle_agent_connection(self, stream: trio.abc.Stream) -> None:
         """Serve one connection to the agent port (any Trio stream; TLS is added here)."""
         await self._handle(AGENT_ROLES, stream)
@@ -397,7 +487,9 @@ class Relay:
         peer = _peer_name(stream)
         if self._ssl_context is not None:
             stream = trio.SSLStream(stream, self._ssl_context, server_side=True)
-        conn = Connection(stream, max_payload=MAX_CONTROL_PAYLOAD, name=peer)
+        conn = Connection(
+            stream, max_payload=MAX_CONTROL_PAYLOAD, name=peer, send_timeout=self.config.send_timeout
+        )
         try:
             hello = await self._handshake(conn, port_roles, peer)
             if hello is None:
@@ -582,8 +674,6 @@ class Relay:
             session.data_scope.cancel()
         for key in self._closed_hub_totals:
             self._closed_hub_totals[key] += getattr(session.hub, key)
-        session.hub.batches_in = session.hub.records_in = session.hub.bytes_in = 0
-        session.hub.batches_dropped = session.hub.gaps_sent = 0
         self._broadcast(SessionEnded(session_id=session.session_id, reason=code.value))
         log.info("session %s ended: %s", session.session_id, reason)
 
@@ -720,9 +810,16 @@ class Relay:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._heartbeats, conn)
-                nursery.start_soon(self._watch_slow, conn, sub)
+                nursery.start_soon(self._watch_slow, session, sub)
                 nursery.start_soon(self._ignore_viewer_input, conn)
-                await self._write_stream(conn, sub)
+                try:
+                    await self._write_stream(conn, sub, session.hub)
+                except ConnectionClosed as exc:
+                    if exc.code is not ErrorCode.TIMEOUT:
+                        raise
+                    # Its writes stopped making progress: a stalled reader.
+                    self._slow_consumer(session)
+                    raise RemoteProtocolError(exc.reason, code=ErrorCode.SLOW_CONSUMER) from exc
                 nursery.cancel_scope.cancel()
         finally:
             self._counts["viewer_streams"] -= 1
@@ -739,21 +836,33 @@ class Relay:
                 code=ErrorCode.UNEXPECTED_MESSAGE,
             )
 
-    async def _watch_slow(self, conn: Connection, sub: Subscriber) -> None:
+    async def _watch_slow(self, session: Session, sub: Subscriber) -> None:
+        """Disconnect a viewer that stays behind too long or loses too much."""
         timeout = self.config.slow_viewer_timeout
         while True:
-            if sub.state is SubscriberState.SKIPPING:
-                deadline = sub.skipping_since + timeout
-                if trio.current_time() >= deadline:
-                    self._slow_disconnects += 1
-                    raise RemoteProtocolError(
-                        f"viewer stayed behind for {timeout:g} s", code=ErrorCode.SLOW_CONSUMER
-                    )
-                await trio.sleep_until(deadline)
-            else:
-                await trio.sleep(min(timeout, 1.0))
+            if sub.too_lossy.is_set():
+                self._slow_consumer(session)
+                raise RemoteProtocolError(
+                    f"viewer lost {sub.records_dropped} of {sub.records_offered} records "
+                    f"(more than {self.config.slow_viewer_max_loss:.0%})",
+                    code=ErrorCode.SLOW_CONSUMER,
+                )
+            if sub.state is SubscriberState.SKIPPING and trio.current_time() >= sub.skipping_since + timeout:
+                self._slow_consumer(session)
+                raise RemoteProtocolError(
+                    f"viewer stayed behind for {timeout:g} s", code=ErrorCode.SLOW_CONSUMER
+                )
+            # Wake when it starts skipping (checked at least every second) or
+            # when its loss share is exceeded.
+            deadline = min(sub.skipping_since + timeout, trio.current_time() + min(timeout, 1.0))
+            with trio.move_on_at(deadline):
+                await sub.too_lossy.wait()
 
-    async def _write_stream(self, conn: Connection, sub: Subscriber) -> None:
+    def _slow_consumer(self, session: Session) -> None:
+        self._slow_disconnects += 1
+        session.slow_disconnects += 1
+
+    async def _write_stream(self, conn: Connection, sub: Subscriber, hub: Hub) -> None:
         receive = sub.receive_channel
         async with receive:
             while True:
@@ -771,6 +880,7 @@ class Relay:
                     size += len(frames[-1])
                 await conn.send_raw(b"".join(frames) if len(frames) > 1 else first)
                 sub.written(size)
+                hub.bytes_out += size
                 self._bytes_out += size
 
 
@@ -839,4 +949,5 @@ async def serve_relay(
                     viewer_listeners,
                 )
             )
+            relay._nursery = nursery
             task_status.started(relay)

@@ -31,7 +31,7 @@ import trio
 from . import __version__
 from ._util import collapse_groups
 from .config import DEFAULT_VIEWER_PORT
-from .connection import Connection, connect
+from .connection import Connection, Connector, connect
 from .errors import ConnectionClosed, ErrorCode, LoupeError, RemoteProtocolError, SessionNotFound
 from .messages import (
     GapNotice,
@@ -192,9 +192,17 @@ class Viewer:
     """A connection to a relay's viewer port.  Made by :func:`open_viewer`."""
 
     def __init__(
-        self, host: str, port: int, *, token: str | None, tls: bool | ssl.SSLContext, ca_file: str | None
+        self,
+        host: str,
+        port: int,
+        *,
+        token: str | None,
+        tls: bool | ssl.SSLContext,
+        ca_file: str | None,
+        connector: Connector | None = None,
     ) -> None:
         self.host = host
+        self._connector = connector
         self.port = port
         self._token = token
         self._tls = tls
@@ -220,7 +228,12 @@ class Viewer:
 
     async def _start(self, nursery: trio.Nursery) -> None:
         conn, accept = await connect(
-            self.host, self.port, self._hello(Role.VIEWER_CONTROL), tls=self._tls, ca_file=self._ca_file
+            self.host,
+            self.port,
+            self._hello(Role.VIEWER_CONTROL),
+            tls=self._tls,
+            ca_file=self._ca_file,
+            connector=self._connector,
         )
         self._heartbeat_interval = accept.heartbeat_interval
         self._control = conn
@@ -353,6 +366,7 @@ class Viewer:
             tls=self._tls,
             ca_file=self._ca_file,
             max_payload=MAX_DATA_PAYLOAD,
+            connector=self._connector,
         )
         try:
             with collapse_groups():
@@ -375,6 +389,7 @@ async def open_viewer(
     token: str | None = None,
     tls: bool | ssl.SSLContext = False,
     ca_file: str | None = None,
+    connector: Connector | None = None,
 ) -> AsyncIterator[Viewer]:
     """Connect to a relay's viewer port; yields once the session list is complete.
 
@@ -382,7 +397,7 @@ async def open_viewer(
       OSError: the relay cannot be reached.
       HandshakeRejected: the relay refused (AuthenticationError for a bad token).
     """
-    viewer = Viewer(host, port, token=token, tls=tls, ca_file=ca_file)
+    viewer = Viewer(host, port, token=token, tls=tls, ca_file=ca_file, connector=connector)
     try:
         with collapse_groups():
             async with trio.open_nursery() as nursery:
