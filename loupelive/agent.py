@@ -26,7 +26,6 @@ drops, the agent reconnects with backoff and registers the same session again.
 from __future__ import annotations
 
 import contextlib
-import functools
 import getpass
 import itertools
 import logging
@@ -38,7 +37,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Final
 
 import attrs
@@ -62,8 +61,9 @@ from .messages import (
     StartStream,
     StopStream,
     StreamEnd,
+    encode_message,
 )
-from .records import TARGET_RAW_BATCH, BatchEncoder, Level, Record, clip_record, text_size
+from .records import TARGET_RAW_BATCH, BatchEncoder, Level, PreparedBatch, Record, clip_record, text_size
 from .wire import MAX_CONTROL_PAYLOAD, FrameKind, encode_frame
 
 __all__ = ["Agent", "AgentStatistics", "open_agent"]
@@ -178,6 +178,8 @@ class Agent:
         self._batches_sent = 0
         self._bytes_sent = 0
         self._sent_upto = 0
+        #: The last seq handed to an in-flight batch (>= sent_upto).
+        self._taken_upto = 0
         self._heartbeat_interval = 5.0
         self._control: Connection | None = None
         self._data_conn: Connection | None = None
@@ -229,7 +231,7 @@ class Agent:
         ):
             old = self._buffer.popleft()
             self._buffered_bytes -= _record_size(old)
-            if self._streaming.value and old.seq > self._sent_upto:
+            if self._streaming.value and old.seq > self._taken_upto:
                 self._dropped += 1
         self._wake.set()
         return seq
@@ -374,7 +376,7 @@ class Agent:
         conn = await self._connect(self._hello(Role.AGENT_DATA, session_id=self.session_id, stream=stream_no))
         self._data_conn = conn
         encoder = BatchEncoder(quality=self._quality)
-        self._sent_upto = self._next_seq - 1
+        self._sent_upto = self._taken_upto = self._next_seq - 1
         self._streaming.value = True
         self._sync_requested = True
         last_sync = -math.inf
@@ -420,48 +422,60 @@ class Agent:
         return min((v.min_level for v in self._viewers.values()), default=0)
 
     async def _send_live(self, conn: Connection, encoder: BatchEncoder, *, sync: bool) -> bool:
-        """Send one live batch (or a GAP) after ``sent_upto``.  True if a batch went."""
-        buffer = self._buffer
-        oldest = buffer[0].seq if buffer else self._next_seq
-        if self._sent_upto + 1 < oldest:
-            first, last = self._sent_upto + 1, oldest - 1
-            self._sent_upto = last
-            if self._viewers:
-                await conn.send(GapNotice(first_seq=first, last_seq=last, reason=GAP_AGENT_OVERFLOW))
-            return False
-        start = self._sent_upto + 1 - oldest
+        """Send the next live batch after ``sent_upto``.  True if a batch went.
+
+        If the ring buffer dropped records that were never sent, a GAP
+        (``agent_overflow``) naming exactly those seqs goes first, in the same
+        write as the batch: under overload the stream keeps moving.
+        """
         if not self._viewers:
             # Nobody to send to (the stream is in its grace period): the range is
             # covered by the history any new viewer will get.
-            self._sent_upto = self._next_seq - 1
+            self._sent_upto = self._taken_upto = self._next_seq - 1
             return False
+        buffer = self._buffer
+        oldest = buffer[0].seq if buffer else self._next_seq
+        out = bytearray()
+        if self._sent_upto + 1 < oldest:
+            out += encode_message(
+                GapNotice(first_seq=self._sent_upto + 1, last_seq=oldest - 1, reason=GAP_AGENT_OVERFLOW)
+            )
+            self._sent_upto = self._taken_upto = oldest - 1
         min_level = self._min_level()
         records: list[Record] = []
         size = 0
+        first = self._sent_upto + 1
         last = self._sent_upto
-        for record in itertools.islice(buffer, start, None):
+        for record in itertools.islice(buffer, first - oldest, None):
             last = record.seq
             if record.level >= min_level:
                 records.append(record)
                 size += _record_size(record)
                 if size >= TARGET_RAW_BATCH:
                     break
-        first = self._sent_upto + 1
-        payload = await self._compress(
-            lambda: encoder.encode(records, first_seq=first, last_seq=last, sync=sync), size
-        )
-        await conn.send_raw(encode_frame(FrameKind.BATCH, payload))
+        if last < first:
+            if out:
+                await conn.send_raw(out)
+            return False
+        # From here these records are in flight: evicting them is no loss.
+        self._taken_upto = last
+        batch = encoder.prepare(records, first_seq=first, last_seq=last, sync=sync)
+        payload = await self._compress(encoder, batch)
+        out += encode_frame(FrameKind.BATCH, payload)
+        await conn.send_raw(out)
         self._sent_upto = last
         self._records_sent += len(records)
         self._batches_sent += 1
-        self._bytes_sent += len(payload) + 5
+        self._bytes_sent += len(out)
         return True
 
     @staticmethod
-    async def _compress(encode: Callable[[], bytes], size: int) -> bytes:
-        if size >= THREAD_COMPRESS_THRESHOLD:
-            return await trio.to_thread.run_sync(encode)
-        return encode()
+    async def _compress(encoder: BatchEncoder, batch: PreparedBatch) -> bytes:
+        # Only brotli runs in the thread: it releases the GIL, while encoding
+        # records is Python and would fight the application for it.
+        if len(batch.raw) >= THREAD_COMPRESS_THRESHOLD:
+            return await trio.to_thread.run_sync(encoder.compress, batch)
+        return encoder.compress(batch)
 
     async def _send_histories(self, conn: Connection, encoder: BatchEncoder) -> None:
         while self._pending:
@@ -507,17 +521,10 @@ class Agent:
             end = index == len(chunks) - 1
             chunk_first = chunk[0].seq if chunk and index else first_seq
             chunk_last = upto if end else chunks[index + 1][0].seq - 1
-            payload = await self._compress(
-                functools.partial(
-                    encoder.encode_history,
-                    chunk,
-                    viewer=request.viewer,
-                    first_seq=chunk_first,
-                    last_seq=chunk_last,
-                    end=end,
-                ),
-                size,
+            batch = encoder.prepare_history(
+                chunk, viewer=request.viewer, first_seq=chunk_first, last_seq=chunk_last, end=end
             )
+            payload = await self._compress(encoder, batch)
             await conn.send_raw(encode_frame(FrameKind.BATCH, payload))
             self._records_sent += len(chunk)
             self._batches_sent += 1

@@ -45,7 +45,7 @@ import attrs
 import trio
 
 from .errors import ErrorCode
-from .messages import AddViewer, GapNotice, StreamEnd, encode_message
+from .messages import AddViewer, Close, GapNotice, StreamEnd, encode_message
 from .records import BatchHeader
 
 __all__ = ["Hub", "Subscriber", "SubscriberState"]
@@ -106,11 +106,18 @@ class Subscriber:
         return self.queued_bytes > self.budget
 
     def put(self, frame: bytes) -> bool:
-        """Queue one frame; False if the channel is full or closed."""
+        """Queue one frame; False only if the channel is full.
+
+        A viewer whose writer has gone (it is leaving) is marked ENDED and the
+        frame discarded: that is not a drop, its handler is removing it.
+        """
         try:
             self.send_channel.send_nowait(frame)
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+        except trio.WouldBlock:
             return False
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            self.state = SubscriberState.ENDED
+            return True
         self.queued_bytes += len(frame)
         self.bytes_queued_total += len(frame)
         self.frames_queued += 1
@@ -130,12 +137,12 @@ class Subscriber:
         ):
             self.too_lossy.set()
 
-    def end(self, message: StreamEnd) -> None:
+    def end(self, message: StreamEnd | Close) -> None:
         """Queue the final frame and close the channel (idempotent)."""
         if self.state is SubscriberState.ENDED:
             return
         self.state = SubscriberState.ENDED
-        # The STREAM_END must get through even over budget: it is tiny and
+        # The last frame must get through even over budget: it is tiny and
         # the viewer needs it to tell an end from a failure.
         self.put(encode_message(message))
         self.send_channel.close()
@@ -155,6 +162,8 @@ class Hub:
     subscribers: dict[int, Subscriber] = attrs.Factory(dict)
     records_dropped: int = 0
     bytes_out: int = 0
+    #: The highest seq covered by the live stream so far.
+    last_seq: int = 0
     batches_in: int = 0
     bytes_in: int = 0
     records_in: int = 0
@@ -192,6 +201,8 @@ class Hub:
         self.batches_in += 1
         self.bytes_in += len(frame)
         self.records_in += header.count
+        if not header.history:
+            self.last_seq = max(self.last_seq, header.last_seq)
         if header.history:
             sub = self.subscribers.get(header.viewer)
             if sub is not None and sub.state is SubscriberState.PENDING:
@@ -266,6 +277,16 @@ class Hub:
                     self.gaps_sent += 1
                     sub.last_seq = gap.last_seq
             # SKIPPING viewers get one GAP covering everything they missed.
+
+    def disconnect_slow(self, sub: Subscriber, reason: str) -> None:
+        """End a slow viewer's stream: what it lost, then CLOSE ``slow_consumer``.
+
+        What is already queued still goes out (within the send deadline), so a
+        viewer that resumes reading learns exactly which seqs it lost and why.
+        """
+        if sub.state is SubscriberState.SKIPPING:
+            self._gap(sub, sub.skip_from, self.last_seq, GAP_VIEWER_SLOW)
+        sub.end(Close(code=ErrorCode.SLOW_CONSUMER, reason=reason))
 
     def restart(self, sub: Subscriber) -> AddViewer:
         """The stream this viewer followed broke: ask again from where it was.

@@ -3,8 +3,8 @@
 Theory of operation
 -------------------
 An agent sends its records in *batches*.  Each batch is one ``BATCH`` frame: a
-fixed 29-byte :data:`BATCH_HEADER` that the relay reads (it routes and counts by
-it) followed by brotli bytes that only agents write and only viewers read; the
+small varint header (:meth:`BatchHeader.pack`) that the relay reads (it routes
+and counts by it) followed by brotli bytes that only agents write and only viewers read; the
 relay forwards them untouched.
 
 The brotli bytes of a data connection form **one streaming compression context**,
@@ -48,7 +48,6 @@ every viewer allocate a 16 MiB window.
 from __future__ import annotations
 
 import enum
-import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Final
 
@@ -58,9 +57,9 @@ import brotli
 from .errors import LocalProtocolError, StreamDecodeError
 
 __all__ = [
-    "BATCH_HEADER",
     "HISTORY",
     "HISTORY_END",
+    "MAX_BATCH_HEADER",
     "MAX_RAW_BATCH",
     "SYNC",
     "BatchDecoder",
@@ -87,11 +86,9 @@ class Level(enum.IntEnum):
 
         Custom logging levels (e.g. 25) thus map to the standard level below.
         """
-        best = cls.DEBUG
-        for level in cls:
-            if level <= number:
-                best = level
-        return best
+        if 0 <= number < 256:
+            return _LEVEL_TABLE[number]
+        return cls.CRITICAL if number > 0 else cls.DEBUG
 
     @classmethod
     def parse(cls, text: str | int) -> Level:
@@ -118,7 +115,13 @@ def _fields_converter(value: Mapping[str, object] | None) -> dict[str, str]:
     return {str(k): str(v) for k, v in (value or {}).items()}
 
 
+# Decoding maps a byte to a Level per record: a table lookup, not a search.
+_LEVEL_TABLE: Final = [max((level for level in Level if level <= n), default=Level.DEBUG) for n in range(256)]
+
+
 def _to_level(value: int) -> Level:
+    if type(value) is Level:
+        return value
     return Level.from_number(value)
 
 
@@ -185,8 +188,9 @@ class Gap:
 
 # -- the batch header -----------------------------------------------------------
 
-#: flags:u8  viewer:u32  first_seq:u64  last_seq:u64  count:u32  raw_len:u32
-BATCH_HEADER: Final = struct.Struct(">BIQQII")
+#: Largest BATCH header: flags byte + five 10-byte varints.
+MAX_BATCH_HEADER: Final = 1 + 5 * 10
+_U64_MAX: Final = 2**64 - 1
 
 #: The batch starts a fresh compression context (and string table).
 SYNC: Final = 0x01
@@ -261,43 +265,73 @@ class BatchHeader:
         return bool(self.flags & HISTORY_END)
 
     def pack(self) -> bytes:
-        return BATCH_HEADER.pack(
-            self.flags,
-            self.viewer,
-            self.first_seq,
-            self.last_seq,
-            self.count,
-            self.raw_len,
-        )
+        """``flags:u8 [viewer] first_seq span count raw_len`` (LEB128 varints).
+
+        ``viewer`` is present only on HISTORY batches; ``span`` is
+        ``last_seq - first_seq + 1``.  A live one-record batch header is
+        typically 6–8 bytes.
+        """
+        out = bytearray((self.flags,))
+        if self.flags & HISTORY:
+            _put_varint(out, self.viewer)
+        _put_varint(out, self.first_seq)
+        _put_varint(out, self.last_seq - self.first_seq + 1)
+        _put_varint(out, self.count)
+        _put_varint(out, self.raw_len)
+        return bytes(out)
 
     @classmethod
     def unpack(cls, payload: bytes) -> BatchHeader:
-        """Parse and validate the header at the start of a BATCH payload.
+        """Parse and validate the header at the start of a BATCH payload."""
+        return cls.parse(payload)[0]
+
+    @classmethod
+    def parse(cls, payload: bytes) -> tuple[BatchHeader, int]:
+        """Parse and validate the header; also return its length in bytes.
 
         Raises:
-          StreamDecodeError: too short, unknown flags or inconsistent numbers.
+          StreamDecodeError: truncated, unknown flags or inconsistent numbers.
         """
-        if len(payload) < BATCH_HEADER.size:
+        if not payload:
             raise StreamDecodeError("batch shorter than its header")
-        flags, viewer, first, last, count, raw_len = BATCH_HEADER.unpack_from(payload)
+        flags = payload[0]
+        pos = 1
+
+        def varint() -> int:
+            nonlocal pos
+            result = shift = 0
+            while True:
+                if pos >= len(payload):
+                    raise StreamDecodeError("batch shorter than its header")
+                byte = payload[pos]
+                pos += 1
+                result |= (byte & 0x7F) << shift
+                if not byte & 0x80:
+                    if result > _U64_MAX:
+                        raise StreamDecodeError("number too large in the batch header")
+                    return result
+                shift += 7
+                if shift > 63:
+                    raise StreamDecodeError("number too long in the batch header")
+
+        viewer = varint() if flags & HISTORY else 0
+        first = varint()
+        span = varint()
+        count = varint()
+        raw_len = varint()
+        last = first + span - 1
         if flags & ~_KNOWN_FLAGS:
             raise StreamDecodeError(f"unknown batch flags 0x{flags:02x}")
         if flags & HISTORY and not flags & SYNC:
             raise StreamDecodeError("history batches must be self-contained (SYNC)")
         if flags & HISTORY_END and not flags & HISTORY:
             raise StreamDecodeError("HISTORY_END without HISTORY")
-        if first < 1 or last < first - 1 or count > last - first + 1:
+        if first < 1 or last > _U64_MAX or count > span:
             raise StreamDecodeError(f"inconsistent batch range {first}..{last} with {count} records")
         if raw_len > MAX_RAW_BATCH:
             raise StreamDecodeError(f"batch announces {raw_len} uncompressed bytes (limit {MAX_RAW_BATCH})")
-        return cls(
-            flags=flags,
-            viewer=viewer,
-            first_seq=first,
-            last_seq=last,
-            count=count,
-            raw_len=raw_len,
-        )
+        header = cls(flags=flags, viewer=viewer, first_seq=first, last_seq=last, count=count, raw_len=raw_len)
+        return header, pos
 
 
 # -- varints and the record encoding --------------------------------------------
@@ -339,6 +373,16 @@ def clip_record(record: Record) -> Record:
     :data:`MAX_FIELDS` are replaced by one ``loupelive.fields_cut`` field.
     """
     fields = record.fields
+    # Fast path: short strings cannot exceed their byte limits (4 bytes per
+    # character at most).
+    if (
+        not fields
+        and len(record.message) <= MAX_TEXT // 4
+        and len(record.logger) <= MAX_NAME // 4
+        and len(record.thread) <= MAX_NAME // 4
+        and (record.exception is None or len(record.exception) <= MAX_TEXT // 4)
+    ):
+        return record
     fits = (
         text_size(record.message) <= MAX_TEXT
         and (record.exception is None or text_size(record.exception) <= MAX_TEXT)
@@ -579,24 +623,25 @@ class BatchEncoder:
     def _new_compressor(self) -> brotli.Compressor:
         return brotli.Compressor(mode=brotli.MODE_TEXT, quality=self.quality, lgwin=WINDOW_BITS)
 
-    def encode(
+    def prepare(
         self,
         records: Sequence[Record],
         *,
         first_seq: int,
         last_seq: int,
         sync: bool = False,
-    ) -> bytes:
-        """A live batch covering ``first_seq..last_seq``; ``sync`` starts a context.
+    ) -> PreparedBatch:
+        """Encode the records of a live batch covering ``first_seq..last_seq``.
 
-        The first batch of an encoder is always a sync point.
+        The first step of :meth:`encode`: pure Python, holds the GIL.  Pass the
+        result to :meth:`compress` next (before preparing another live batch).
+        ``sync`` starts a new context; the first batch of an encoder always does.
         """
         if sync or self._compressor is None:
-            self._compressor = self._new_compressor()
             self._records.reset()
             sync = True
+            self._compressor = None
         raw = self._records.encode(records, first_seq)
-        compressed: bytes = self._compressor.process(raw) + self._compressor.flush()
         header = BatchHeader(
             flags=SYNC if sync else 0,
             viewer=0,
@@ -605,7 +650,53 @@ class BatchEncoder:
             count=len(records),
             raw_len=len(raw),
         )
-        return header.pack() + compressed
+        return PreparedBatch(header=header, raw=raw)
+
+    def prepare_history(
+        self,
+        records: Sequence[Record],
+        *,
+        viewer: int,
+        first_seq: int,
+        last_seq: int,
+        end: bool,
+    ) -> PreparedBatch:
+        """Encode a self-contained history batch for one viewer (its own context)."""
+        raw = RecordEncoder().encode(records, first_seq)
+        header = BatchHeader(
+            flags=SYNC | HISTORY | (HISTORY_END if end else 0),
+            viewer=viewer,
+            first_seq=first_seq,
+            last_seq=last_seq,
+            count=len(records),
+            raw_len=len(raw),
+        )
+        return PreparedBatch(header=header, raw=raw)
+
+    def compress(self, batch: PreparedBatch) -> bytes:
+        """The BATCH payload of a prepared batch.
+
+        brotli releases the GIL here, so a large batch may be compressed in a
+        worker thread (``trio.to_thread.run_sync``).
+        """
+        if batch.header.history:
+            compressor = self._new_compressor()
+            return batch.header.pack() + compressor.process(batch.raw) + compressor.finish()  # type: ignore[no-any-return]
+        if batch.header.sync or self._compressor is None:
+            self._compressor = self._new_compressor()
+        compressed: bytes = self._compressor.process(batch.raw) + self._compressor.flush()
+        return batch.header.pack() + compressed
+
+    def encode(
+        self,
+        records: Sequence[Record],
+        *,
+        first_seq: int,
+        last_seq: int,
+        sync: bool = False,
+    ) -> bytes:
+        """A live batch covering ``first_seq..last_seq``; ``sync`` starts a context."""
+        return self.compress(self.prepare(records, first_seq=first_seq, last_seq=last_seq, sync=sync))
 
     def encode_history(
         self,
@@ -617,19 +708,17 @@ class BatchEncoder:
         end: bool,
     ) -> bytes:
         """A self-contained history batch for one viewer (its own context)."""
-        encoder = RecordEncoder()
-        raw = encoder.encode(records, first_seq)
-        compressor = self._new_compressor()
-        compressed: bytes = compressor.process(raw) + compressor.finish()
-        header = BatchHeader(
-            flags=SYNC | HISTORY | (HISTORY_END if end else 0),
-            viewer=viewer,
-            first_seq=first_seq,
-            last_seq=last_seq,
-            count=len(records),
-            raw_len=len(raw),
+        return self.compress(
+            self.prepare_history(records, viewer=viewer, first_seq=first_seq, last_seq=last_seq, end=end)
         )
-        return header.pack() + compressed
+
+
+@attrs.frozen
+class PreparedBatch:
+    """Records encoded for a batch, not yet compressed."""
+
+    header: BatchHeader
+    raw: bytes
 
 
 class BatchDecoder:
@@ -652,8 +741,8 @@ class BatchDecoder:
           StreamDecodeError: malformed header, undecodable or oversized data.
         """
         try:
-            header = BatchHeader.unpack(payload)
-            data = payload[BATCH_HEADER.size :]
+            header, size = BatchHeader.parse(payload)
+            data = payload[size:]
             if header.sync:
                 bits = brotli_window_bits(data) if data else MAX_WINDOW_BITS
                 if bits is None or bits > MAX_WINDOW_BITS:

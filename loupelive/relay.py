@@ -469,7 +469,9 @@ class Relay:
         async def connect(host: str, port_number: int) -> trio.abc.Stream:
             if self._nursery is None:
                 raise RuntimeError("memory_connector() needs a relay started with serve_relay()")
-            client, server = trio.testing.memory_stream_pair()
+            # Lockstep: a write completes only as the peer reads it, so a
+            # client that stops reading pushes back as it would over TCP.
+            client, server = trio.testing.lockstep_stream_pair()
             self._nursery.start_soon(handler, server)
             return client
 
@@ -837,26 +839,28 @@ class Relay:
             )
 
     async def _watch_slow(self, session: Session, sub: Subscriber) -> None:
-        """Disconnect a viewer that stays behind too long or loses too much."""
+        """End the stream of a viewer that stays behind too long or loses too much."""
         timeout = self.config.slow_viewer_timeout
         while True:
             if sub.too_lossy.is_set():
-                self._slow_consumer(session)
-                raise RemoteProtocolError(
-                    f"viewer lost {sub.records_dropped} of {sub.records_offered} records "
-                    f"(more than {self.config.slow_viewer_max_loss:.0%})",
-                    code=ErrorCode.SLOW_CONSUMER,
+                reason = (
+                    f"slow consumer: lost {sub.records_dropped} of {sub.records_offered} records "
+                    f"(more than {self.config.slow_viewer_max_loss:.0%})"
                 )
+                break
             if sub.state is SubscriberState.SKIPPING and trio.current_time() >= sub.skipping_since + timeout:
-                self._slow_consumer(session)
-                raise RemoteProtocolError(
-                    f"viewer stayed behind for {timeout:g} s", code=ErrorCode.SLOW_CONSUMER
-                )
-            # Wake when it starts skipping (checked at least every second) or
-            # when its loss share is exceeded.
+                reason = f"slow consumer: stayed behind for {timeout:g} s"
+                break
+            # Wake when it may have stayed behind too long (checked at least
+            # every second) or when its loss share is exceeded.
             deadline = min(sub.skipping_since + timeout, trio.current_time() + min(timeout, 1.0))
             with trio.move_on_at(deadline):
                 await sub.too_lossy.wait()
+        log.warning("session %s: viewer %d disconnected: %s", session.session_id, sub.id, reason)
+        self._slow_consumer(session)
+        # Its writer delivers what is queued, the gap and the CLOSE, then ends
+        # (or hits the send deadline if the viewer reads nothing at all).
+        session.hub.disconnect_slow(sub, reason)
 
     def _slow_consumer(self, session: Session) -> None:
         self._slow_disconnects += 1

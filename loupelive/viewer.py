@@ -109,12 +109,19 @@ class Stream:
         # Liveness is checked only while the application is reading: a slow
         # consumer is the relay's business (it skips or drops it), not a
         # reason to think the relay is gone.  The relay heartbeats when idle.
-        with trio.move_on_after(self._silence) as scope:
-            frame = await self._conn.receive()
-        if scope.cancelled_caught:
-            raise ConnectionClosed(
-                f"relay silent for {self._silence:g} s on the stream", code=ErrorCode.TIMEOUT
-            )
+        started = trio.current_time()
+        while True:
+            # Any byte from the relay (heartbeats included) moves the deadline;
+            # so does the application starting to read after a pause.
+            deadline = max(self._conn.last_received, started) + self._silence
+            with trio.move_on_at(deadline) as scope:
+                frame = await self._conn.receive()
+            if not scope.cancelled_caught:
+                break
+            if trio.current_time() >= max(self._conn.last_received, started) + self._silence:
+                raise ConnectionClosed(
+                    f"relay silent for {self._silence:g} s on the stream", code=ErrorCode.TIMEOUT
+                )
         if frame.kind is FrameKind.BATCH:
             header, records = self._decoder.decode(frame.payload)
             start = self._last_seq
