@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Iterator
 
 import trio
 
 from .errors import LoupeError
 
-__all__ = ["collapse_groups", "leaf_exception"]
+__all__ = ["Backoff", "collapse_groups", "leaf_exception"]
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
@@ -51,3 +52,29 @@ def collapse_groups() -> Iterator[None]:
         if leaf is group:
             raise
         raise leaf from leaf.__cause__
+
+
+class Backoff:
+    """Exponential backoff with jitter for reconnecting clients.
+
+    The first retry comes fast (``first`` seconds), each later one waits up to
+    ``factor`` times longer, capped at ``maximum``; every delay is jittered to
+    50–100 % of its value so that a thousand agents losing the same relay do
+    not all come back in the same millisecond.
+    """
+
+    def __init__(self, *, first: float = 0.1, maximum: float = 5.0, factor: float = 2.0) -> None:
+        if not 0 < first <= maximum or factor < 1:
+            raise ValueError("backoff needs 0 < first <= maximum and factor >= 1")
+        self.first = first
+        self.maximum = maximum
+        self.factor = factor
+        self._next = first
+
+    def reset(self) -> None:
+        self._next = self.first
+
+    def next_delay(self) -> float:
+        delay = self._next * random.uniform(0.5, 1.0)
+        self._next = min(self._next * self.factor, self.maximum)
+        return delay

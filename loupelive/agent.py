@@ -31,6 +31,7 @@ import itertools
 import logging
 import math
 import os
+import secrets
 import socket
 import ssl
 import threading
@@ -45,7 +46,7 @@ import trio
 import trio_util
 
 from . import __version__
-from ._util import collapse_groups
+from ._util import Backoff, collapse_groups
 from .config import DEFAULT_AGENT_PORT
 from .connection import Connection, Connector, connect
 from .errors import ConnectionClosed, ErrorCode, HandshakeRejected, RemoteProtocolError
@@ -92,8 +93,9 @@ DEFAULT_CLOSE_TIMEOUT: Final = 5.0
 #: (brotli releases the GIL) so the application's event loop keeps running.
 THREAD_COMPRESS_THRESHOLD: Final = 64 * 1024
 
-_RECONNECT_MIN: Final = 0.5
-_RECONNECT_MAX: Final = 10.0
+#: Reconnection: first retry after ~0.1 s, then doubling up to 5 s (jittered).
+DEFAULT_RECONNECT_MIN: Final = 0.1
+DEFAULT_RECONNECT_MAX: Final = 5.0
 
 #: Approximate fixed cost of a record in the ring buffer, on top of its text.
 _RECORD_OVERHEAD: Final = 200
@@ -147,6 +149,8 @@ class Agent:
         sync_interval: float,
         close_timeout: float,
         connector: Connector | None = None,
+        reconnect_min: float = DEFAULT_RECONNECT_MIN,
+        reconnect_max: float = DEFAULT_RECONNECT_MAX,
     ) -> None:
         self.host = host
         self._connector = connector
@@ -173,6 +177,13 @@ class Agent:
         self._closing = False
         #: True while the control connection is up.
         self.connected = trio_util.AsyncBool(False)
+        #: ``connecting``, ``connected``, ``disconnected`` (retrying) or ``closed``.
+        self.status = "connecting"
+        #: The last connection error, for status displays.
+        self.last_error = ""
+        # Proves to the relay that a reconnecting agent owns this session.
+        self._secret = secrets.token_urlsafe(24)
+        self._backoff = Backoff(first=reconnect_min, maximum=reconnect_max)
         self._dropped = 0
         self._records_sent = 0
         self._batches_sent = 0
@@ -273,28 +284,47 @@ class Agent:
         interval = self._heartbeat_interval
         await conn.serve_heartbeats(interval, interval * 3)
 
-    async def _serve_control(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        backoff = _RECONNECT_MIN
-        first = True
+    async def _serve_control(
+        self, *, wait_connected: bool = True, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Keep the control connection up, reconnecting with backoff.
+
+        With ``wait_connected``, the first attempt's error is raised (and
+        ``started()`` waits for the first connection); otherwise every failure
+        is retried and ``started()`` is called at once.
+        """
+        backoff = self._backoff
+        first = wait_connected
+        if not wait_connected:
+            task_status.started()
         while not self._closing:
+            self.status = "connecting"
             try:
-                conn = await self._connect(self._hello(Role.AGENT_CONTROL, session=self.info))
+                conn = await self._connect(
+                    self._hello(Role.AGENT_CONTROL, session=self.info, secret=self._secret)
+                )
             except (OSError, ConnectionClosed, RemoteProtocolError) as exc:
                 if first:
                     raise
+                self.last_error = str(exc)
+                delay = backoff.next_delay()
                 if isinstance(exc, HandshakeRejected) and exc.code not in (
                     ErrorCode.SESSION_CONFLICT,
                     ErrorCode.LIMIT_REACHED,
                     ErrorCode.SHUTDOWN,
                 ):
                     log.error("relay %s:%d refused the session: %s", self.host, self.port, exc)
-                log.info("reconnecting to %s:%d in %.1f s (%s)", self.host, self.port, backoff, exc)
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, _RECONNECT_MAX)
+                else:
+                    log.info(
+                        "relay %s:%d unreachable (%s); retrying in %.1f s", self.host, self.port, exc, delay
+                    )
+                self.status = "disconnected"
+                await trio.sleep(delay)
                 continue
-            backoff = _RECONNECT_MIN
+            backoff.reset()
             self._control = conn
             self.connected.value = True
+            self.status = "connected"
             if first:
                 first = False
                 task_status.started()
@@ -302,6 +332,7 @@ class Agent:
                 await self._run_control(conn)
             except (ConnectionClosed, RemoteProtocolError) as exc:
                 if not self._closing:
+                    self.last_error = str(exc)
                     log.warning("lost the relay %s:%d: %s", self.host, self.port, exc)
             finally:
                 self.connected.value = False
@@ -311,8 +342,12 @@ class Agent:
                 self._pending.clear()
                 self._stream_wanted.value = None
                 self._wake.set()
+                self.status = "disconnected"
                 with trio.CancelScope(shield=True):
                     await conn.aclose()
+            if not self._closing:
+                await trio.sleep(backoff.next_delay())
+        self.status = "closed"
 
     async def _run_control(self, conn: Connection) -> None:
         with collapse_groups():

@@ -111,6 +111,7 @@ async def _serve(args: argparse.Namespace) -> int:
             viewer_token=_read_secret(args.viewer_token_file, "LOUPELIVE_VIEWER_TOKEN"),
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
+            agent_grace=args.agent_grace,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
@@ -443,6 +444,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-cert", metavar="FILE", help="PEM certificate (chain allowed): TLS on both ports"
     )
     serve.add_argument("--tls-key", metavar="FILE", help="PEM private key for --tls-cert")
+    serve.add_argument(
+        "--agent-grace",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="keep a session whose agent vanished this long, as 'disconnected' (default 30)",
+    )
 
     sessions = sub.add_parser("sessions", help="list live sessions")
     _client_options(sessions, DEFAULT_VIEWER_PORT, "LOUPELIVE_VIEWER_TOKEN")

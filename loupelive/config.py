@@ -64,6 +64,10 @@ class RelayConfig:
     #: After the last viewer of a session leaves, keep the stream this long
     #: (someone flipping between sessions should not restart it each time).
     stream_grace: float = attrs.field(default=5.0, validator=_non_negative)
+    #: A session whose agent's connection is lost (no GOODBYE) is shown as
+    #: ``disconnected`` this long before it ends, so a network blip or a relay
+    #: restart does not end it: its agent reconnects and viewers resume.
+    agent_grace: float = attrs.field(default=30.0, validator=_non_negative)
     #: After an agent's GOODBYE, wait this long for its data to drain to viewers.
     end_flush_timeout: float = attrs.field(default=10.0, validator=_positive)
     #: Per-viewer queue budget.  Over it, the viewer skips ahead to the next sync

@@ -160,6 +160,8 @@ class SessionInfo:
     connected_at: float = 0.0
     viewers: int = 0
     streaming: bool = False
+    #: ``running``, or ``disconnected`` while the relay waits for the agent.
+    status: str = "running"
 
     def to_json(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -189,6 +191,7 @@ class SessionInfo:
                 connected_at=_get(obj, "connected_at", float, 0.0),
                 viewers=_get_int(obj, "viewers", lo=0, hi=_U32, default=0),
                 streaming=_get(obj, "streaming", bool, False),
+                status=_get(obj, "status", str, "running"),
             )
         except ValueError as exc:
             raise _bad(str(exc)) from exc
@@ -225,6 +228,9 @@ class Hello(Message):
     token: str | None = None
     client: str = ""
     session: SessionInfo | None = None
+    #: agent_control: the per-session secret that lets this agent take its
+    #: session back after a reconnect (never shown to viewers).
+    secret: str | None = None
     session_id: str | None = None
     stream: int | None = None
     history: int = 0
@@ -235,6 +241,8 @@ class Hello(Message):
         obj: dict[str, Any] = {"role": self.role.value, "client": self.client}
         if self.token is not None:
             obj["token"] = self.token
+        if self.secret is not None:
+            obj["secret"] = self.secret
         if self.session is not None:
             obj["session"] = self.session.to_json()
         for key in ("session_id", "stream", "after_seq"):
@@ -251,6 +259,7 @@ class Hello(Message):
         return cls(
             role=_get_enum(obj, "role", Role),
             token=_get(obj, "token", str, None),
+            secret=_get(obj, "secret", str, None),
             client=_get(obj, "client", str, ""),
             session=SessionInfo.from_json(session) if session is not None else None,
             session_id=_get(obj, "session_id", str, None),

@@ -177,8 +177,18 @@ class Session:
     """A live session: its agent's control connection, its hub, its stream."""
 
     info: SessionInfo
-    control: Connection
     relay: Relay
+    #: The per-session secret its agent registered with: only it may take the
+    #: session over after a reconnect.  Empty: nobody can.
+    secret: str = attrs.field(default="", repr=False)
+    #: The agent's control connection; None while disconnected.
+    control: Connection | None = None
+    #: Set when the current control connection is replaced or lost.
+    detached: trio.Event = attrs.Factory(trio.Event)
+    #: Set (and renewed) each time an agent connection attaches.
+    reattached: trio.Event = attrs.Factory(trio.Event)
+    attachments: int = 0
+    disconnected_at: float = 0.0
     hub: Hub = attrs.field(init=False)
     outbox_send: trio.MemorySendChannel[Message] = attrs.field(init=False)
     outbox_receive: trio.MemoryReceiveChannel[Message] = attrs.field(init=False)
@@ -204,9 +214,45 @@ class Session:
     def session_id(self) -> str:
         return self.info.session_id
 
+    def attach(self, conn: Connection, info: SessionInfo) -> None:
+        """Make ``conn`` this session's control connection (first or again)."""
+        self.control = conn
+        self.info = attrs.evolve(info, connected_at=time.time(), viewers=0, streaming=False)
+        self.attachments += 1
+        self.disconnected_at = 0.0
+        self.detached = trio.Event()
+        self.outbox_send.close()
+        self.outbox_send, self.outbox_receive = trio.open_memory_channel[Message](MAX_OUTBOX)
+        self.reattached.set()
+        self.reattached = trio.Event()
+
+    async def detach(self, reason: str) -> None:
+        """Let go of the current control connection (it is being replaced)."""
+        old = self.control
+        if old is None:
+            return
+        self.control = None
+        self.detached.set()
+        log.info("session %s: %s", self.session_id, reason)
+        await old.aclose(ErrorCode.SESSION_CONFLICT, reason)
+
+    def resume_viewers(self) -> None:
+        """After the agent came back: restart its stream for the waiting viewers."""
+        if self.attachments == 1:
+            return
+        self.stream_wanted = False
+        if self.hub.subscribers:
+            self.ensure_stream()
+            for sub in self.hub.subscribers.values():
+                self.command(self.hub.restart(sub))
+
+    @property
+    def status(self) -> str:
+        return "running" if self.control is not None else "disconnected"
+
     def command(self, message: Message) -> None:
         """Queue a command for the agent; drops the agent if it is not reading."""
-        if self.closing or self.ended:
+        if self.closing or self.ended or self.control is None:
             return
         try:
             self.outbox_send.send_nowait(message)
@@ -246,6 +292,7 @@ class Session:
             self.info,
             viewers=len(self.hub.subscribers),
             streaming=self.data_conn is not None,
+            status=self.status,
         )
 
     def ensure_stream(self) -> None:
@@ -612,56 +659,122 @@ class Relay:
     # -- agents ------------------------------------------------------------------------
 
     async def _serve_agent_control(self, conn: Connection, hello: Hello) -> None:
+        """Register (or take over) a session and serve its agent's commands.
+
+        A session outlives a lost control connection by ``agent_grace``: it is
+        shown as ``disconnected`` and its viewers keep waiting; the agent that
+        reconnects with the session's secret takes it back, and the viewers'
+        streams resume from where they were.  A GOODBYE ends it at once.
+        """
         if hello.session is None:
             await self._reject(conn, ErrorCode.MALFORMED, "agent_control HELLO needs a session")
             return
-        if hello.session.session_id in self.sessions:
-            await self._reject(
-                conn, ErrorCode.SESSION_CONFLICT, f"session {hello.session.session_id} is already live"
-            )
-            return
-        if len(self.sessions) >= self.config.max_sessions:
-            await self._reject(conn, ErrorCode.LIMIT_REACHED, "the relay holds its maximum of sessions")
-            return
-        info = attrs.evolve(hello.session, connected_at=time.time(), viewers=0, streaming=False)
-        session = Session(info=info, control=conn, relay=self)
-        self.sessions[info.session_id] = session
+        session_id = hello.session.session_id
+        session = self.sessions.get(session_id)
+        if session is not None:
+            if not session.secret or not hmac.compare_digest(
+                (hello.secret or "").encode(), session.secret.encode()
+            ):
+                await self._reject(
+                    conn,
+                    ErrorCode.SESSION_CONFLICT,
+                    f"session {session_id} is live; only its own agent (with the session's secret) may take it over",
+                )
+                return
+            await session.detach(f"replaced by a new connection from {conn.name}")
+        else:
+            if len(self.sessions) >= self.config.max_sessions:
+                await self._reject(conn, ErrorCode.LIMIT_REACHED, "the relay holds its maximum of sessions")
+                return
+            session = Session(info=hello.session, relay=self, secret=hello.secret or "")
+            self.sessions[session_id] = session
+        session.attach(conn, hello.session)
         self._counts["agent_connections"] += 1
-        end_code = ErrorCode.AGENT_LOST
-        end_reason = "the agent's connection was lost"
+        info = session.info
         log.info(
-            "session %s registered: app=%r host=%r pid=%d", info.session_id, info.app, info.host, info.pid
+            "session %s %s: app=%r host=%r pid=%d (%s)",
+            session_id,
+            "registered" if session.attachments == 1 else "reconnected",
+            info.app,
+            info.host,
+            info.pid,
+            conn.name,
         )
-        try:
+        if session.attachments == 1:
             self._broadcast(SessionAdded(session=session.public_info()))
+        else:
+            self._changed(session)
+        goodbye: Goodbye | None = None
+        try:
             await self._accept(conn, session.public_info())
-            with collapse_groups():
-                async with trio.open_nursery() as nursery:
-                    session.nursery = nursery
-                    nursery.start_soon(self._heartbeats, conn)
-                    nursery.start_soon(self._drain_outbox, session)
-                    while True:
-                        message = await conn.receive_message()
-                        if isinstance(message, Goodbye):
-                            end_code = ErrorCode.SESSION_ENDED
-                            end_reason = message.reason or "the session ended"
-                            session.closing = True
-                            nursery.cancel_scope.cancel()
-                            break
-                        raise RemoteProtocolError(
-                            f"unexpected {type(message).__name__} from an agent",
-                            code=ErrorCode.UNEXPECTED_MESSAGE,
-                        )
-            if session.closing and session.data_conn is not None:
+            session.resume_viewers()
+            goodbye = await self._run_agent_control(conn, session)
+        except RemoteProtocolError as exc:
+            log.warning("%s: protocol error: %s", conn.name, exc)
+            await conn.aclose(exc.code, str(exc))
+        except ConnectionClosed as exc:
+            log.info("%s", exc.reason)
+        except Exception:
+            log.exception("%s: internal error", conn.name)
+            await conn.aclose(ErrorCode.INTERNAL, "internal error in the relay")
+        finally:
+            self._counts["agent_connections"] -= 1
+            if session.control is conn:
+                session.detached.set()
+                session.control = None
+            if goodbye is None and session.control is None and not session.ended:
+                # Cancelled (relay shutdown) or a lost connection: the session
+                # ends, now or after its grace period.
+                session.disconnected_at = time.time()
+        if goodbye is not None:
+            session.closing = True
+            if session.data_conn is not None:
                 # Let the data connection deliver what viewers are owed.
                 with trio.move_on_after(self.config.end_flush_timeout):
                     await session.data_done.wait()
-        except ConnectionClosed as exc:
-            end_reason = f"the agent's connection was lost: {exc.reason}"
-            raise
+            self._end_session(session, ErrorCode.SESSION_ENDED, goodbye.reason or "the session ended")
+            return
+        if session.control is not None or session.ended:
+            return  # taken over by a new connection
+        await conn.aclose()
+        self._changed(session)
+        log.info(
+            "session %s disconnected; ending it in %g s unless its agent returns",
+            session_id,
+            self.config.agent_grace,
+        )
+        try:
+            with trio.move_on_after(self.config.agent_grace):
+                await session.reattached.wait()
         finally:
-            self._end_session(session, end_code, end_reason)
-            self._counts["agent_connections"] -= 1
+            if session.control is None:
+                self._end_session(session, ErrorCode.AGENT_LOST, "the agent's connection was lost")
+
+    async def _run_agent_control(self, conn: Connection, session: Session) -> Goodbye:
+        """Heartbeats, commands out, GOODBYE in; returns the GOODBYE."""
+        with collapse_groups():
+            async with trio.open_nursery() as nursery:
+                session.nursery = nursery
+                nursery.start_soon(self._heartbeats, conn)
+                nursery.start_soon(self._drain_outbox, session, session.outbox_receive)
+                nursery.start_soon(self._wait_detached, session, nursery.cancel_scope)
+                while True:
+                    message = await conn.receive_message()
+                    if isinstance(message, Goodbye):
+                        session.closing = True
+                        nursery.cancel_scope.cancel()
+                        return message
+                    raise RemoteProtocolError(
+                        f"unexpected {type(message).__name__} from an agent",
+                        code=ErrorCode.UNEXPECTED_MESSAGE,
+                    )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    async def _wait_detached(session: Session, scope: trio.CancelScope) -> None:
+        # Another connection took the session over: stop serving this one.
+        await session.detached.wait()
+        scope.cancel()
 
     def _end_session(self, session: Session, code: ErrorCode, reason: str) -> None:
         if session.ended:
@@ -679,10 +792,12 @@ class Relay:
         self._broadcast(SessionEnded(session_id=session.session_id, reason=code.value))
         log.info("session %s ended: %s", session.session_id, reason)
 
-    async def _drain_outbox(self, session: Session) -> None:
-        async with session.outbox_receive:
-            async for message in session.outbox_receive:
-                await session.control.send(message)
+    async def _drain_outbox(self, session: Session, outbox: trio.MemoryReceiveChannel[Message]) -> None:
+        control = session.control
+        assert control is not None
+        async with outbox:
+            async for message in outbox:
+                await control.send(message)
 
     async def _serve_agent_data(self, conn: Connection, hello: Hello) -> None:
         session = self.sessions.get(hello.session_id or "")

@@ -24,6 +24,7 @@ def test_config(**overrides: Any) -> loupelive.RelayConfig:
         "agent_port": 0,
         "viewer_port": 0,
         "stream_grace": 0.0,
+        "agent_grace": 0.0,
         "end_flush_timeout": 5.0,
     }
     base.update(overrides)

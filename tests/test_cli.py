@@ -574,7 +574,8 @@ async def test_serve_demo_feeds_a_tail(tmp_path: Path) -> None:
 
 async def test_tail_ends_with_agent_lost_when_the_agent_dies(tmp_path: Path) -> None:
     with trio.fail_after(TEST_TIMEOUT):
-        async with start_relay(tmp_path) as relay:
+        # A short grace: the session ends soon after its agent is gone for good.
+        async with start_relay(tmp_path, "--agent-grace", "0.5") as relay:
             async with run_cli(
                 "tail", "doomed", "--relay", relay.viewer, "--wait", "--format", "json", "--history", "10"
             ) as tail:
