@@ -21,19 +21,31 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import math
 import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import Final
 
 import trio
+import trio_util
 
 from . import __version__
-from ._util import collapse_groups
+from ._util import Backoff, collapse_groups
 from .config import DEFAULT_VIEWER_PORT
 from .connection import Connection, Connector, connect
-from .errors import ConnectionClosed, ErrorCode, LoupeError, RemoteProtocolError, SessionNotFound
+from .errors import (
+    AuthenticationError,
+    ConnectionClosed,
+    ErrorCode,
+    HandshakeRejected,
+    LoupeError,
+    RemoteProtocolError,
+    SessionNotFound,
+    StreamDecodeError,
+)
 from .messages import (
+    Accept,
     GapNotice,
     Hello,
     Role,
@@ -58,21 +70,49 @@ MAX_EVENT_BACKLOG: Final = 10_000
 
 GAP_MISSING: Final = "missing"
 
+#: How long a broken stream (or the session list) keeps trying to come back:
+#: long enough for a relay restart and the agent's re-registration.
+DEFAULT_RESUME_TIMEOUT: Final = 60.0
+
+log = logging.getLogger("loupelive.viewer")
+
 
 class Stream:
     """One session's records, as an async iterator of :class:`Record` and :class:`Gap`.
 
-    Made by :meth:`Viewer.open_stream`.  Iteration ends when the session ends
-    (``end_code`` then says how: ``session_ended``, ``agent_lost``, …); a stream
-    the relay cut off (e.g. ``slow_consumer``) raises :class:`ConnectionClosed`.
+    Made by :meth:`Viewer.open_stream`.  If the data connection breaks (the
+    relay restarted, the network dropped, a batch failed to decode), the stream
+    reconnects by itself with backoff and asks for the records after the last
+    seq it delivered, so the consumer sees every record exactly once, in seq
+    order, or a :class:`Gap` naming exactly what can no longer be had and why.
+    It gives up after ``resume_timeout`` seconds without success.
+
+    Iteration ends when the session ends (``end_code`` then says how:
+    ``session_ended``, ``agent_lost``); a stream the relay cut off for being too
+    slow raises :class:`ConnectionClosed` with code ``slow_consumer``.
     """
 
     def __init__(
-        self, conn: Connection, info: SessionInfo | None, min_level: Level | int, *, silence: float
+        self,
+        viewer: Viewer,
+        session_id: str,
+        *,
+        history: int,
+        min_level: Level | int,
+        after_seq: int | None,
+        resume_timeout: float,
+        nursery: trio.Nursery,
     ) -> None:
-        self._conn = conn
-        self._silence = silence
-        self.session = info
+        self._viewer = viewer
+        self.session_id = session_id
+        self._history = history
+        self._after_seq = after_seq
+        self._resume_timeout = resume_timeout
+        self._nursery = nursery
+        self._conn: Connection | None = None
+        self._heartbeat_scope: trio.CancelScope | None = None
+        self._silence = 15.0
+        self.session: SessionInfo | None = None
         self.min_level = int(min_level)
         self._decoder = BatchDecoder()
         self._ready: collections.deque[Record | Gap] = collections.deque()
@@ -81,6 +121,71 @@ class Stream:
         self.end_reason = ""
         self.records_received = 0
         self.gaps_received = 0
+        #: How many times the stream was resumed after a break.
+        self.resumes = 0
+
+    async def _connect(self) -> None:
+        """Open (or reopen) the data connection, from where the consumer is."""
+        history = self._history
+        after_seq = self._after_seq
+        if self._last_seq is not None:
+            history, after_seq = 0, self._last_seq
+        conn, accept = await self._viewer._open_data(
+            self.session_id, history=history, min_level=self.min_level, after_seq=after_seq
+        )
+        self._conn = conn
+        self.session = accept.session or self.session
+        self._decoder = BatchDecoder()
+        interval = accept.heartbeat_interval
+        self._silence = interval * 3
+        scope = trio.CancelScope()
+        self._heartbeat_scope = scope
+
+        async def heartbeats() -> None:
+            # Heartbeats out only; the reader checks the relay's side.
+            with scope, contextlib.suppress(ConnectionClosed):
+                await conn.serve_heartbeats(interval, math.inf)
+
+        self._nursery.start_soon(heartbeats)
+
+    async def _disconnect(self) -> None:
+        if self._heartbeat_scope is not None:
+            self._heartbeat_scope.cancel()
+        if self._conn is not None:
+            with trio.CancelScope(shield=True):
+                await self._conn.aclose()
+            self._conn = None
+
+    async def _resume(self, error: Exception) -> None:
+        """Reconnect after ``error``, retrying until ``resume_timeout``."""
+        await self._disconnect()
+        log.warning(
+            "stream of session %s broke (%s); resuming after seq %s", self.session_id, error, self._last_seq
+        )
+        backoff = Backoff(first=0.1, maximum=2.0)
+        deadline = trio.current_time() + self._resume_timeout
+        while True:
+            try:
+                await self._connect()
+            except AuthenticationError:
+                raise
+            except HandshakeRejected as exc:
+                # unknown_session: the relay restarted and the agent has not
+                # registered again yet; keep trying until the deadline.
+                error = exc
+            except (OSError, ConnectionClosed, RemoteProtocolError) as exc:
+                error = exc
+            else:
+                self.resumes += 1
+                log.info("stream of session %s resumed after seq %s", self.session_id, self._last_seq)
+                return
+            if trio.current_time() >= deadline:
+                raise ConnectionClosed(
+                    f"could not resume the stream of session {self.session_id} "
+                    f"within {self._resume_timeout:g} s: {error}",
+                    code=getattr(error, "code", ErrorCode.INTERNAL),
+                ) from error
+            await trio.sleep(backoff.next_delay())
 
     @property
     def last_seq(self) -> int | None:
@@ -94,8 +199,22 @@ class Stream:
         while not self._ready:
             if self.end_code is not None:
                 raise StopAsyncIteration
-            await self._fill()
+            try:
+                await self._fill()
+            except (ConnectionClosed, StreamDecodeError) as exc:
+                if not self._resumable(exc):
+                    raise
+                await self._resume(exc)
         return self._ready.popleft()
+
+    def _resumable(self, exc: Exception) -> bool:
+        if self._resume_timeout <= 0 or self.end_code is not None:
+            return False
+        if isinstance(exc, StreamDecodeError):
+            return True
+        # A relay that cut us off for being slow said so: tell the consumer.
+        assert isinstance(exc, ConnectionClosed)
+        return exc.code not in (ErrorCode.SLOW_CONSUMER, ErrorCode.BAD_TOKEN, ErrorCode.UNKNOWN_SESSION)
 
     def _cover(self, first: int, last: int) -> None:
         """Account for a range about to be delivered; report any hole before it."""
@@ -109,6 +228,8 @@ class Stream:
         # Liveness is checked only while the application is reading: a slow
         # consumer is the relay's business (it skips or drops it), not a
         # reason to think the relay is gone.  The relay heartbeats when idle.
+        if self._conn is None:
+            raise ConnectionClosed("the stream is not connected", code=ErrorCode.INTERNAL)
         started = trio.current_time()
         while True:
             # Any byte from the relay (heartbeats included) moves the deadline;
@@ -221,6 +342,8 @@ class Viewer:
         self._heartbeat_interval = 5.0
         self._closed: ConnectionClosed | None = None
         self._control: Connection | None = None
+        #: True while the control connection is up (it reconnects by itself).
+        self.connected = trio_util.AsyncBool(True)
 
     def sessions(self) -> list[SessionInfo]:
         """The live sessions, as of the last update received."""
@@ -233,7 +356,8 @@ class Viewer:
         interval = self._heartbeat_interval
         await conn.serve_heartbeats(interval, interval * 3)
 
-    async def _start(self, nursery: trio.Nursery) -> None:
+    async def _connect_control(self) -> tuple[Connection, dict[str, SessionInfo]]:
+        """Open the control connection; return it with the relay's snapshot."""
         conn, accept = await connect(
             self.host,
             self.port,
@@ -243,19 +367,82 @@ class Viewer:
             connector=self._connector,
         )
         self._heartbeat_interval = accept.heartbeat_interval
-        self._control = conn
+        snapshot: dict[str, SessionInfo] = {}
         try:
             while True:
                 message = await conn.receive_message()
                 if isinstance(message, SnapshotEnd):
-                    break
-                self._apply(message)
+                    return conn, snapshot
+                if not isinstance(message, SessionAdded):
+                    raise RemoteProtocolError(
+                        f"unexpected {type(message).__name__} in the session snapshot",
+                        code=ErrorCode.UNEXPECTED_MESSAGE,
+                    )
+                snapshot[message.session.session_id] = message.session
         except BaseException:
             await conn.aclose()
             raise
+
+    async def _start(self, nursery: trio.Nursery) -> None:
+        conn, snapshot = await self._connect_control()
+        self._sessions = snapshot
+        self._control = conn
         self._nursery = nursery
-        nursery.start_soon(self._heartbeats, conn)
-        nursery.start_soon(self._read_control, conn)
+        nursery.start_soon(self._serve_control, conn)
+
+    async def _serve_control(self, conn: Connection) -> None:
+        """Read list updates; reconnect (with backoff) when the relay goes away."""
+        backoff = Backoff(first=0.1, maximum=5.0)
+        try:
+            while True:
+                try:
+                    with collapse_groups():
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(self._heartbeats, conn)
+                            await self._read_control(conn)
+                except (ConnectionClosed, RemoteProtocolError) as exc:
+                    log.warning("lost the relay %s:%d (%s); reconnecting", self.host, self.port, exc)
+                self.connected.value = False
+                with trio.CancelScope(shield=True):
+                    await conn.aclose()
+                while True:
+                    await trio.sleep(backoff.next_delay())
+                    try:
+                        conn, snapshot = await self._connect_control()
+                    except AuthenticationError:
+                        raise
+                    except (OSError, ConnectionClosed, RemoteProtocolError) as exc:
+                        log.info("relay %s:%d still unreachable: %s", self.host, self.port, exc)
+                        continue
+                    break
+                backoff.reset()
+                self._control = conn
+                self.connected.value = True
+                log.info("reconnected to the relay %s:%d", self.host, self.port)
+                self._resync(snapshot)
+        except AuthenticationError as exc:
+            self._closed = exc
+            raise
+        finally:
+            for listener in self._listeners:
+                listener.close()
+            self._changed.set()
+
+    def _resync(self, snapshot: dict[str, SessionInfo]) -> None:
+        """Turn the difference between the old list and a fresh snapshot into events."""
+        events: list[SessionEvent] = []
+        for session_id in list(self._sessions):
+            if session_id not in snapshot:
+                events.append(SessionEnded(session_id=session_id, reason="relay_lost"))
+        for session_id, info in snapshot.items():
+            old = self._sessions.get(session_id)
+            if old is None:
+                events.append(SessionAdded(session=info))
+            elif old != info:
+                events.append(SessionChanged(session=info))
+        for event in events:
+            self._apply(event)
+            self._dispatch(event)
 
     def _apply(self, message: object) -> None:
         if isinstance(message, (SessionAdded, SessionChanged)):
@@ -271,25 +458,20 @@ class Viewer:
         self._changed = trio.Event()
 
     async def _read_control(self, conn: Connection) -> None:
-        try:
-            while True:
-                message = await conn.receive_message()
-                self._apply(message)
-                for listener in list(self._listeners):
-                    try:
-                        listener.send_nowait(message)  # type: ignore[arg-type]
-                    except trio.ClosedResourceError:
-                        self._listeners.discard(listener)
-                    except trio.WouldBlock:
-                        self._listeners.discard(listener)
-                        listener.close()
-        except ConnectionClosed as exc:
-            self._closed = exc
-            raise
-        finally:
-            for listener in self._listeners:
+        while True:
+            message = await conn.receive_message()
+            self._apply(message)
+            self._dispatch(message)
+
+    def _dispatch(self, message: object) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener.send_nowait(message)  # type: ignore[arg-type]
+            except trio.ClosedResourceError:
+                self._listeners.discard(listener)
+            except trio.WouldBlock:
+                self._listeners.discard(listener)
                 listener.close()
-            self._changed.set()
 
     def session_events(self) -> SessionEvents:
         """Iterate over session list changes from this call on.
@@ -339,6 +521,25 @@ class Viewer:
             await self._changed.wait()
         return self.sessions()
 
+    async def _open_data(
+        self, session_id: str, *, history: int, min_level: int, after_seq: int | None
+    ) -> tuple[Connection, Accept]:
+        return await connect(
+            self.host,
+            self.port,
+            self._hello(
+                Role.VIEWER_DATA,
+                session_id=session_id,
+                history=history,
+                min_level=min_level,
+                after_seq=after_seq,
+            ),
+            tls=self._tls,
+            ca_file=self._ca_file,
+            max_payload=MAX_DATA_PAYLOAD,
+            connector=self._connector,
+        )
+
     @contextlib.asynccontextmanager
     async def open_stream(
         self,
@@ -347,6 +548,7 @@ class Viewer:
         history: int = 0,
         min_level: Level | int = 0,
         after_seq: int | None = None,
+        resume_timeout: float = DEFAULT_RESUME_TIMEOUT,
     ) -> AsyncIterator[Stream]:
         """Watch one session.
 
@@ -356,36 +558,29 @@ class Viewer:
             that the agent still holds, before the live ones.
           min_level: drop records below this level.
           after_seq: instead of ``history``, every held record after this seq.
+          resume_timeout: how long a broken stream keeps trying to resume
+            (0: do not resume; the break is raised).
 
         Raises:
           HandshakeRejected: unknown session (``unknown_session``) or a limit.
         """
-        conn, accept = await connect(
-            self.host,
-            self.port,
-            self._hello(
-                Role.VIEWER_DATA,
-                session_id=session_id,
-                history=history,
-                min_level=int(min_level),
-                after_seq=after_seq,
-            ),
-            tls=self._tls,
-            ca_file=self._ca_file,
-            max_payload=MAX_DATA_PAYLOAD,
-            connector=self._connector,
-        )
-        try:
-            with collapse_groups():
-                async with trio.open_nursery() as nursery:
-                    # Heartbeats out only; the stream checks the relay's side.
-                    interval = self._heartbeat_interval
-                    nursery.start_soon(conn.serve_heartbeats, interval, math.inf)
-                    yield Stream(conn, accept.session, min_level, silence=interval * 3)
+        with collapse_groups():
+            async with trio.open_nursery() as nursery:
+                stream = Stream(
+                    self,
+                    session_id,
+                    history=history,
+                    min_level=min_level,
+                    after_seq=after_seq,
+                    resume_timeout=resume_timeout,
+                    nursery=nursery,
+                )
+                try:
+                    await stream._connect()
+                    yield stream
+                finally:
+                    await stream._disconnect()
                     nursery.cancel_scope.cancel()
-        finally:
-            with trio.CancelScope(shield=True):
-                await conn.aclose()
 
 
 @contextlib.asynccontextmanager
