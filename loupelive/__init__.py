@@ -21,6 +21,7 @@ from .errors import (
     SessionNotFound,
     StreamDecodeError,
 )
+from .handler import LiveHandler
 from .messages import SessionAdded, SessionChanged, SessionEnded, SessionInfo
 from .records import Gap, Level, Record
 from .relay import Relay, RelayStatistics, SessionStatistics, ViewerStatistics, serve_relay
@@ -35,6 +36,7 @@ __all__ = [
     "Gap",
     "HandshakeRejected",
     "Level",
+    "LiveHandler",
     "LocalProtocolError",
     "LoupeError",
     "ProtocolError",

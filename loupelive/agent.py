@@ -26,6 +26,7 @@ drops, the agent reconnects with backoff and registers the same session again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import getpass
 import itertools
 import logging
@@ -67,7 +68,7 @@ from .messages import (
 from .records import TARGET_RAW_BATCH, BatchEncoder, Level, PreparedBatch, Record, clip_record, text_size
 from .wire import MAX_CONTROL_PAYLOAD, FrameKind, encode_frame
 
-__all__ = ["Agent", "AgentStatistics", "open_agent"]
+__all__ = ["Agent", "AgentStatistics", "default_session_info", "open_agent", "run_agent"]
 
 log = logging.getLogger("loupelive.agent")
 
@@ -160,6 +161,14 @@ class Agent:
         self._tls = tls
         self._ca_file = ca_file
         self._buffer: deque[Record] = deque()
+        # The encoded-size estimate of each buffered record, evicted in step.
+        self._sizes: deque[int] = deque()
+        # Guards the buffer and the seq counter: records may come from any
+        # thread (LiveHandler); the streamer copies what it sends under it.
+        self._lock = threading.Lock()
+        self._trio_thread: int | None = None
+        self._trio_token: trio.lowlevel.TrioToken | None = None
+        self._wake_scheduled = False
         self._buffer_records = buffer_records
         self._buffer_bytes_max = buffer_bytes
         self._buffered_bytes = 0
@@ -229,23 +238,45 @@ class Agent:
         return self.append(record)
 
     def append(self, record: Record) -> int:
-        """Append a prepared record, renumbered to the next seq.  Returns its seq."""
-        seq = self._next_seq
-        if record.seq != seq:
-            record = attrs.evolve(record, seq=seq)
+        """Append a prepared record, renumbered to the next seq.  Returns its seq.
+
+        Thread-safe and never blocks: from the agent's own Trio thread it wakes
+        the streamer directly; from any other thread (``LiveHandler``) it
+        schedules one wake-up on the agent's loop, and only while streaming —
+        while nobody watches, a record costs this append and nothing more.
+        """
         record = clip_record(record)
-        self._next_seq += 1
-        self._buffer.append(record)
-        self._buffered_bytes += _record_size(record)
-        while len(self._buffer) > self._buffer_records or (
-            self._buffered_bytes > self._buffer_bytes_max and len(self._buffer) > 1
-        ):
-            old = self._buffer.popleft()
-            self._buffered_bytes -= _record_size(old)
-            if self._streaming.value and old.seq > self._taken_upto:
-                self._dropped += 1
-        self._wake.set()
+        size = _record_size(record)
+        buffer = self._buffer
+        with self._lock:
+            seq = self._next_seq
+            self._next_seq = seq + 1
+            if record.seq != seq:
+                record = attrs.evolve(record, seq=seq)
+            buffer.append(record)
+            self._sizes.append(size)
+            self._buffered_bytes += size
+            while len(buffer) > self._buffer_records or (
+                self._buffered_bytes > self._buffer_bytes_max and len(buffer) > 1
+            ):
+                old = buffer.popleft()
+                self._buffered_bytes -= self._sizes.popleft()
+                if self._streaming.value and old.seq > self._taken_upto:
+                    self._dropped += 1
+        if threading.get_ident() == self._trio_thread:
+            self._wake.set()
+        elif (self._streaming.value or self._closing) and not self._wake_scheduled:
+            self._wake_scheduled = True
+            try:
+                assert self._trio_token is not None
+                self._trio_token.run_sync_soon(self._wake_from_thread)
+            except (trio.RunFinishedError, AssertionError):
+                self._wake_scheduled = False
         return seq
+
+    def _wake_from_thread(self) -> None:
+        self._wake_scheduled = False
+        self._wake.set()
 
     def statistics(self) -> AgentStatistics:
         return AgentStatistics(
@@ -468,32 +499,36 @@ class Agent:
             # covered by the history any new viewer will get.
             self._sent_upto = self._taken_upto = self._next_seq - 1
             return False
-        buffer = self._buffer
-        oldest = buffer[0].seq if buffer else self._next_seq
-        out = bytearray()
-        if self._sent_upto + 1 < oldest:
-            out += encode_message(
-                GapNotice(first_seq=self._sent_upto + 1, last_seq=oldest - 1, reason=GAP_AGENT_OVERFLOW)
-            )
-            self._sent_upto = self._taken_upto = oldest - 1
         min_level = self._min_level()
         records: list[Record] = []
         size = 0
-        first = self._sent_upto + 1
-        last = self._sent_upto
-        for record in itertools.islice(buffer, first - oldest, None):
-            last = record.seq
-            if record.level >= min_level:
-                records.append(record)
-                size += _record_size(record)
-                if size >= TARGET_RAW_BATCH:
-                    break
+        out = bytearray()
+        with self._lock:
+            buffer = self._buffer
+            oldest = buffer[0].seq if buffer else self._next_seq
+            if self._sent_upto + 1 < oldest:
+                out += encode_message(
+                    GapNotice(first_seq=self._sent_upto + 1, last_seq=oldest - 1, reason=GAP_AGENT_OVERFLOW)
+                )
+                self._sent_upto = self._taken_upto = oldest - 1
+            first = self._sent_upto + 1
+            last = self._sent_upto
+            skip = first - oldest
+            for record, record_size in zip(
+                itertools.islice(buffer, skip, None), itertools.islice(self._sizes, skip, None), strict=True
+            ):
+                last = record.seq
+                if record.level >= min_level:
+                    records.append(record)
+                    size += record_size
+                    if size >= TARGET_RAW_BATCH:
+                        break
+            # From here these records are in flight: evicting them is no loss.
+            self._taken_upto = last
         if last < first:
             if out:
                 await conn.send_raw(out)
             return False
-        # From here these records are in flight: evicting them is no loss.
-        self._taken_upto = last
         batch = encoder.prepare(records, first_seq=first, last_seq=last, sync=sync)
         payload = await self._compress(encoder, batch)
         out += encode_frame(FrameKind.BATCH, payload)
@@ -521,12 +556,13 @@ class Agent:
     async def _send_history(self, conn: Connection, encoder: BatchEncoder, request: AddViewer) -> None:
         upto = self._sent_upto
         level = request.min_level
-        held = [r for r in self._buffer if r.seq <= upto and r.level >= level]
+        with self._lock:
+            held = [r for r in self._buffer if r.seq <= upto and r.level >= level]
+            oldest = self._buffer[0].seq if self._buffer else self._next_seq
         first_seq = upto + 1
         if request.after_seq is not None:
             after = min(request.after_seq, upto)
             held = [r for r in held if r.seq > after]
-            oldest = self._buffer[0].seq if self._buffer else self._next_seq
             first_seq = after + 1
             if oldest > after + 1 and after < upto:
                 gap_last = min(oldest - 1, upto)
@@ -665,9 +701,23 @@ async def open_agent(
         sync_interval=sync_interval,
         close_timeout=close_timeout,
     )
+    async with run_agent(agent) as running:
+        yield running
+
+
+@contextlib.asynccontextmanager
+async def run_agent(agent: Agent, *, wait_connected: bool = True) -> AsyncIterator[Agent]:
+    """Run an :class:`Agent` in the current Trio run for the duration of the block.
+
+    With ``wait_connected`` (as :func:`open_agent` does), the block starts once
+    the session is registered and a first connection error is raised;
+    otherwise it starts at once and the agent connects in the background.
+    """
+    agent._trio_thread = threading.get_ident()
+    agent._trio_token = trio.lowlevel.current_trio_token()
     with collapse_groups():
         async with trio.open_nursery() as nursery:
-            await nursery.start(agent._serve_control)
+            await nursery.start(functools.partial(agent._serve_control, wait_connected=wait_connected))
             nursery.start_soon(agent._serve_streams)
             try:
                 yield agent

@@ -750,8 +750,11 @@ class Relay:
             if session.control is None:
                 self._end_session(session, ErrorCode.AGENT_LOST, "the agent's connection was lost")
 
-    async def _run_agent_control(self, conn: Connection, session: Session) -> Goodbye:
-        """Heartbeats, commands out, GOODBYE in; returns the GOODBYE."""
+    async def _run_agent_control(self, conn: Connection, session: Session) -> Goodbye | None:
+        """Heartbeats, commands out, GOODBYE in; returns the GOODBYE.
+
+        Returns None if another connection took the session over.
+        """
         with collapse_groups():
             async with trio.open_nursery() as nursery:
                 session.nursery = nursery
@@ -768,7 +771,7 @@ class Relay:
                         f"unexpected {type(message).__name__} from an agent",
                         code=ErrorCode.UNEXPECTED_MESSAGE,
                     )
-        raise AssertionError("unreachable")  # pragma: no cover
+        return None  # taken over: _wait_detached cancelled the nursery
 
     @staticmethod
     async def _wait_detached(session: Session, scope: trio.CancelScope) -> None:
