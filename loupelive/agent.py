@@ -192,6 +192,7 @@ class Agent:
         self.last_error = ""
         # Proves to the relay that a reconnecting agent owns this session.
         self._secret = secrets.token_urlsafe(24)
+        self._stream_key = ""
         self._backoff = Backoff(first=reconnect_min, maximum=reconnect_max)
         self._dropped = 0
         self._records_sent = 0
@@ -390,6 +391,7 @@ class Agent:
             while True:
                 message = await conn.receive_message()
                 if isinstance(message, StartStream):
+                    self._stream_key = message.key
                     self._stream_wanted.value = message.stream
                 elif isinstance(message, StopStream):
                     if self._stream_wanted.value == message.stream:
@@ -439,7 +441,9 @@ class Agent:
         self._wake = trio.Event()
 
     async def _stream(self, stream_no: int) -> None:
-        conn = await self._connect(self._hello(Role.AGENT_DATA, session_id=self.session_id, stream=stream_no))
+        conn = await self._connect(
+            self._hello(Role.AGENT_DATA, session_id=self.session_id, stream=stream_no, key=self._stream_key)
+        )
         self._data_conn = conn
         encoder = BatchEncoder(quality=self._quality)
         self._sent_upto = self._taken_upto = self._next_seq - 1

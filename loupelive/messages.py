@@ -225,14 +225,16 @@ class Hello(Message):
 
     KIND: ClassVar = FrameKind.HELLO
     role: Role
-    token: str | None = None
+    token: str | None = attrs.field(default=None, repr=False)
     client: str = ""
     session: SessionInfo | None = None
     #: agent_control: the per-session secret that lets this agent take its
     #: session back after a reconnect (never shown to viewers).
-    secret: str | None = None
+    secret: str | None = attrs.field(default=None, repr=False)
     session_id: str | None = None
     stream: int | None = None
+    #: agent_data: the key from START_STREAM.
+    key: str | None = attrs.field(default=None, repr=False)
     history: int = 0
     min_level: int = 0
     after_seq: int | None = None
@@ -243,6 +245,8 @@ class Hello(Message):
             obj["token"] = self.token
         if self.secret is not None:
             obj["secret"] = self.secret
+        if self.key is not None:
+            obj["key"] = self.key
         if self.session is not None:
             obj["session"] = self.session.to_json()
         for key in ("session_id", "stream", "after_seq"):
@@ -260,6 +264,7 @@ class Hello(Message):
             role=_get_enum(obj, "role", Role),
             token=_get(obj, "token", str, None),
             secret=_get(obj, "secret", str, None),
+            key=_get(obj, "key", str, None),
             client=_get(obj, "client", str, ""),
             session=SessionInfo.from_json(session) if session is not None else None,
             session_id=_get(obj, "session_id", str, None),
@@ -347,14 +352,19 @@ class Heartbeat(Message):
 
 @attrs.frozen(kw_only=True)
 class StartStream(Message):
-    """Relay → agent: open a data connection for stream ``stream``."""
+    """Relay → agent: open a data connection for stream ``stream``.
+
+    ``key`` is an unguessable per-stream key the data connection must present:
+    only the agent the relay commanded can feed the session's stream.
+    """
 
     KIND: ClassVar = FrameKind.START_STREAM
     stream: int
+    key: str = attrs.field(default="", repr=False)
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> StartStream:
-        return cls(stream=_get_int(obj, "stream", lo=0, hi=_U32))
+        return cls(stream=_get_int(obj, "stream", lo=0, hi=_U32), key=_get(obj, "key", str, ""))
 
 
 @attrs.frozen(kw_only=True)

@@ -38,6 +38,7 @@ import hmac
 import itertools
 import logging
 import math
+import secrets
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -193,6 +194,7 @@ class Session:
     outbox_send: trio.MemorySendChannel[Message] = attrs.field(init=False)
     outbox_receive: trio.MemoryReceiveChannel[Message] = attrs.field(init=False)
     stream_no: int = 0
+    stream_key: str = attrs.field(default="", repr=False)
     stream_wanted: bool = False
     data_conn: Connection | None = None
     data_scope: trio.CancelScope | None = None
@@ -302,7 +304,8 @@ class Session:
         if not self.stream_wanted:
             self.stream_no += 1
             self.stream_wanted = True
-            self.command(StartStream(stream=self.stream_no))
+            self.stream_key = secrets.token_urlsafe(18)
+            self.command(StartStream(stream=self.stream_no, key=self.stream_key))
 
     def add_subscriber(self, hello: Hello) -> Subscriber:
         viewer_id = next(self.relay._viewer_ids)
@@ -806,6 +809,9 @@ class Relay:
         session = self.sessions.get(hello.session_id or "")
         if session is None or session.control is conn:
             await self._reject(conn, ErrorCode.UNKNOWN_SESSION, f"no live session {hello.session_id}")
+            return
+        if not hmac.compare_digest((hello.key or "").encode(), session.stream_key.encode()):
+            await self._reject(conn, ErrorCode.BAD_TOKEN, "wrong or missing stream key")
             return
         if hello.stream != session.stream_no or not session.stream_wanted:
             await self._reject(conn, ErrorCode.STALE_STREAM, f"stream {hello.stream} is not wanted")

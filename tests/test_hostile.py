@@ -290,8 +290,18 @@ async def test_slow_viewer_skips_to_a_sync_point_with_an_exact_gap(nursery: trio
         assert isinstance(commands[0], StartStream)
         viewers = [c.viewer for c in commands[1:] if isinstance(c, AddViewer)]
         assert len(viewers) == 2
+        # A data connection with a forged stream key is refused …
+        forged = connect(nursery, relay.handle_agent_connection)
+        answer = await forged.handshake(
+            Hello(role=Role.AGENT_DATA, session_id=session_id, stream=1, key="forged")
+        )
+        assert isinstance(answer, Reject)
+        assert answer.code is ErrorCode.BAD_TOKEN
+        # … the one with the key from START_STREAM is accepted.
         data = connect(nursery, relay.handle_agent_connection)
-        answer = await data.handshake(Hello(role=Role.AGENT_DATA, session_id=session_id, stream=1))
+        answer = await data.handshake(
+            Hello(role=Role.AGENT_DATA, session_id=session_id, stream=1, key=commands[0].key)
+        )
         assert isinstance(answer, Accept)
         encoder = BatchEncoder()
         for viewer in viewers:  # empty histories, as a real agent sends

@@ -143,7 +143,7 @@ JSON_MESSAGES = [
     (FrameKind.REJECT, {"code": "unknown_session", "reason": "no such session"}),
     (FrameKind.CLOSE, {"code": "timeout", "reason": "silent"}),
     (FrameKind.HEARTBEAT, {"time": -1.5}),
-    (FrameKind.START_STREAM, {"stream": 12}),
+    (FrameKind.START_STREAM, {"stream": 12, "key": "k3y"}),
     (FrameKind.STOP_STREAM, {"stream": 12}),
     (FrameKind.ADD_VIEWER, {"viewer": 2, "history": 10, "min_level": 20, "after_seq": None}),
     (FrameKind.REMOVE_VIEWER, {"viewer": 2}),
