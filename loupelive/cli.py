@@ -85,9 +85,22 @@ def _read_secret(path: str | None, env: str) -> str | None:
 
 
 def _client_tls(args: argparse.Namespace) -> bool | ssl.SSLContext:
-    if args.ca and not args.tls:
-        args.tls = True
-    return bool(args.tls)
+    """``--tls``/``--ca``/``--client-cert``: what to pass as ``tls=``."""
+    if not (args.tls or args.ca or args.client_cert):
+        return False
+    try:
+        context = ssl.create_default_context(cafile=args.ca)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if args.client_cert:
+            context.load_cert_chain(args.client_cert, args.client_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot load the TLS files: {exc}") from exc
+    return context
+
+
+def _client_token(args: argparse.Namespace, env: str) -> str | None:
+    """The token from ``--token-file``, else the role's environment variable."""
+    return _read_secret(args.token_file, env)
 
 
 # -- serve -------------------------------------------------------------------------
@@ -107,15 +120,22 @@ async def _serve(args: argparse.Namespace) -> int:
             host=args.host,
             agent_port=args.agent_port,
             viewer_port=args.viewer_port,
-            agent_token=_read_secret(args.agent_token_file, "LOUPELIVE_AGENT_TOKEN"),
-            viewer_token=_read_secret(args.viewer_token_file, "LOUPELIVE_VIEWER_TOKEN"),
+            agent_token=None if args.agent_token_file else os.environ.get("LOUPELIVE_AGENT_TOKEN") or None,
+            viewer_token=None if args.viewer_token_file else os.environ.get("LOUPELIVE_VIEWER_TOKEN") or None,
+            agent_token_file=args.agent_token_file,
+            viewer_token_file=args.viewer_token_file,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
+            tls_client_ca_ports=args.tls_client_ca_ports,
+            insecure=args.insecure,
+            max_connections=args.max_connections,
+            max_connections_per_address=args.max_connections_per_address,
             agent_grace=args.agent_grace,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             try:
                 relay = await nursery.start(serve_relay, config)
@@ -134,15 +154,23 @@ async def _serve(args: argparse.Namespace) -> int:
                     {"agent_port": relay.agent_port, "viewer_port": relay.viewer_port, "pid": os.getpid()},
                 )
             if args.demo:
-                nursery.start_soon(_run_demo_agent, config, relay.agent_port)
+                nursery.start_soon(_run_demo_agent, config, relay.agent_port, relay._agent_token)
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    try:
+                        relay.reload()
+                    except (OSError, ssl.SSLError) as exc:
+                        log.error("reload failed, keeping the previous settings: %s", exc)
+                    else:
+                        log.info("reloaded the TLS certificate and the token files")
+                    continue
                 log.info("received %s, shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break
     return 0
 
 
-async def _run_demo_agent(config: RelayConfig, port: int) -> None:
+async def _run_demo_agent(config: RelayConfig, port: int, token: str | None) -> None:
     from .demo import run_demo
 
     tls: bool | ssl.SSLContext = False
@@ -159,7 +187,7 @@ async def _run_demo_agent(config: RelayConfig, port: int) -> None:
             app="demo-shop",
             app_version=__version__,
             tags={"demo": "true"},
-            token=config.agent_token,
+            token=token,
             tls=tls,
         ) as agent:
             log.info("demo agent running: session %s (app demo-shop)", agent.session_id)
@@ -206,7 +234,7 @@ def _print(out: TextIO, text: str) -> None:
 
 async def _sessions(args: argparse.Namespace) -> int:
     host, port = parse_address(args.relay, DEFAULT_VIEWER_PORT)
-    token = args.token or os.environ.get("LOUPELIVE_VIEWER_TOKEN") or None
+    token = _client_token(args, "LOUPELIVE_VIEWER_TOKEN")
     async with open_viewer(host, port, token=token, tls=_client_tls(args), ca_file=args.ca) as viewer:
         sessions = viewer.sessions()
         out = sys.stdout
@@ -281,7 +309,7 @@ def format_gap(gap: Gap, *, colour: bool) -> str:
 
 async def _tail(args: argparse.Namespace) -> int:
     host, port = parse_address(args.relay, DEFAULT_VIEWER_PORT)
-    token = args.token or os.environ.get("LOUPELIVE_VIEWER_TOKEN") or None
+    token = _client_token(args, "LOUPELIVE_VIEWER_TOKEN")
     try:
         level = Level.parse(args.level) if args.level else Level.DEBUG
     except ValueError as exc:
@@ -343,7 +371,7 @@ def _json_line_to_kwargs(line: str) -> dict[str, Any]:
 
 async def _pipe(args: argparse.Namespace) -> int:
     host, port = parse_address(args.relay, DEFAULT_AGENT_PORT)
-    token = args.token or os.environ.get("LOUPELIVE_AGENT_TOKEN") or None
+    token = _client_token(args, "LOUPELIVE_AGENT_TOKEN")
     stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
     bad_lines = 0
     async with (
@@ -395,9 +423,15 @@ def _client_options(parser: argparse.ArgumentParser, default_port: int, token_en
     parser.add_argument(
         "--relay", metavar="HOST[:PORT]", help=f"relay address (default 127.0.0.1:{default_port})"
     )
-    parser.add_argument("--token", help=f"access token (default: ${token_env})")
+    parser.add_argument(
+        "--token-file", metavar="FILE", help=f"read the access token from FILE (default: ${token_env})"
+    )
     parser.add_argument("--tls", action="store_true", help="connect with TLS (system trust store)")
     parser.add_argument("--ca", metavar="FILE", help="trust this CA bundle for TLS (implies --tls)")
+    parser.add_argument(
+        "--client-cert", metavar="FILE", help="client certificate (PEM) for mutual TLS (implies --tls)"
+    )
+    parser.add_argument("--client-key", metavar="FILE", help="private key for --client-cert")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -444,6 +478,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-cert", metavar="FILE", help="PEM certificate (chain allowed): TLS on both ports"
     )
     serve.add_argument("--tls-key", metavar="FILE", help="PEM private key for --tls-cert")
+    serve.add_argument(
+        "--tls-client-ca", metavar="FILE", help="require client certificates signed by this CA (mutual TLS)"
+    )
+    serve.add_argument(
+        "--tls-client-ca-ports",
+        choices=["both", "agent", "viewer"],
+        default="both",
+        help="which ports require client certificates (default both)",
+    )
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback --host without TLS and tokens (everyone who can connect sees every log)",
+    )
+    serve.add_argument(
+        "--max-connections", type=int, default=16_000, metavar="N", help="open connections in total"
+    )
+    serve.add_argument(
+        "--max-connections-per-address",
+        type=int,
+        default=4_000,
+        metavar="N",
+        help="open connections per address",
+    )
     serve.add_argument(
         "--agent-grace",
         type=float,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any, Final
 
 import attrs
@@ -28,6 +29,15 @@ def _non_negative(_inst: object, attribute: attrs.Attribute[Any], value: float) 
         raise ValueError(f"{attribute.name} must not be negative, not {value}")
 
 
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _share(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
     if not 0 < value <= 1:
         raise ValueError(f"{attribute.name} must be in (0, 1], not {value}")
@@ -49,9 +59,23 @@ class RelayConfig:
     #: Shared secrets.  ``None``: no token required for that role.
     agent_token: str | None = attrs.field(default=None, repr=False)
     viewer_token: str | None = attrs.field(default=None, repr=False)
+    #: Files holding the tokens (re-read on reload, e.g. SIGHUP); used when the
+    #: token itself is not given.
+    agent_token_file: str | None = None
+    viewer_token_file: str | None = None
     #: TLS on both ports when both are set (PEM files; chain allowed).
     tls_cert: str | None = None
     tls_key: str | None = None
+    #: Mutual TLS: require client certificates signed by this CA (PEM) …
+    tls_client_ca: str | None = None
+    #: … on these ports: ``both``, ``agent`` or ``viewer``.
+    tls_client_ca_ports: str = attrs.field(
+        default="both", validator=attrs.validators.in_(("both", "agent", "viewer"))
+    )
+    #: Listening on a non-loopback address without TLS and tokens for both roles
+    #: is refused unless this is set: the relay would hand anyone on the
+    #: network everyone's logs.
+    insecure: bool = False
     #: Heartbeats are sent after this much quiet on any connection …
     heartbeat_interval: float = attrs.field(default=5.0, validator=_positive)
     #: … and a peer silent this long is dropped (three missed heartbeats).
@@ -84,6 +108,14 @@ class RelayConfig:
     max_sessions: int = attrs.field(default=100_000, validator=_positive)
     max_viewers_per_session: int = attrs.field(default=1_000, validator=_positive)
     max_viewer_connections: int = attrs.field(default=10_000, validator=_positive)
+    #: Open connections in total and from one address (TLS handshakes
+    #: included).  The total stays under a typical open-file limit (20,000 here).
+    max_connections: int = attrs.field(default=16_000, validator=_positive)
+    max_connections_per_address: int = attrs.field(default=4_000, validator=_positive)
+    #: After this many failed handshakes (bad token, wrong protocol) from one
+    #: address, each further rejection is delayed (doubling, up to 5 s), which
+    #: slows down token guessing without holding more than a small task.
+    auth_failures_before_delay: int = attrs.field(default=5, validator=_positive)
     #: Session-list updates queued for one viewer beyond its snapshot; a viewer
     #: that lets more pile up is disconnected (it reconnects to a fresh list).
     max_list_backlog: int = attrs.field(default=10_000, validator=_positive)
@@ -95,6 +127,22 @@ class RelayConfig:
             raise ValueError("tls_cert and tls_key must be given together")
         if self.agent_port and self.agent_port == self.viewer_port:
             raise ValueError("agent_port and viewer_port must differ")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if not self.insecure and not _is_loopback(self.host):
+            missing = []
+            if not self.tls:
+                missing.append("TLS (tls_cert, tls_key)")
+            if not (self.agent_token or self.agent_token_file):
+                missing.append("an agent token")
+            if not (self.viewer_token or self.viewer_token_file):
+                missing.append("a viewer token")
+            if missing:
+                raise ValueError(
+                    f"refusing to listen on {self.host} without {', '.join(missing)}: anyone who can reach "
+                    "it could publish sessions and read every log. Configure them, or pass --insecure "
+                    "(insecure = true) to accept the risk"
+                )
 
     @property
     def tls(self) -> bool:

@@ -33,6 +33,9 @@ list that silently diverges.
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import errno
 import functools
 import hmac
 import itertools
@@ -103,6 +106,24 @@ WRITE_COALESCE: Final = 256 * 1024
 #: At most one REQUEST_SYNC per session per this many seconds: a burst of
 #: viewers joining or skipping needs only one sync point.
 SYNC_REQUEST_INTERVAL: Final = 0.05
+
+#: Failed handshakes from one address are remembered this long (seconds) …
+FAILURE_MEMORY: Final = 60.0
+#: … for at most this many addresses (oldest forgotten first) …
+MAX_TRACKED_ADDRESSES: Final = 10_000
+#: … and delay a rejection by at most this much.
+MAX_FAILURE_DELAY: Final = 5.0
+
+_FAILURE_CODES: Final = frozenset(
+    {
+        ErrorCode.BAD_TOKEN,
+        ErrorCode.BAD_MAGIC,
+        ErrorCode.UNSUPPORTED_VERSION,
+        ErrorCode.WRONG_ROLE,
+        ErrorCode.MALFORMED,
+        ErrorCode.UNEXPECTED_MESSAGE,
+    }
+)
 
 _HTTP_400: Final = (
     b"HTTP/1.1 400 Bad Request\r\n"
@@ -416,7 +437,6 @@ class Relay:
         self._listeners: set[_ListListener] = set()
         self._viewer_ids = itertools.count(1)
         self._started = time.monotonic()
-        self._ssl_context: ssl.SSLContext | None = None
         self._nursery: trio.Nursery | None = None
         self._counts = {
             "agent_connections": 0,
@@ -431,8 +451,13 @@ class Relay:
             ("batches_in", "records_in", "bytes_in", "records_dropped", "batches_dropped", "gaps_sent"), 0
         )
         self._slow_disconnects = 0
-        if config.tls_cert is not None:
-            self._ssl_context = make_server_ssl_context(config.tls_cert, config.tls_key)
+        self._ssl_contexts: dict[frozenset[Role], ssl.SSLContext] = {}
+        self._agent_token: str | None = None
+        self._viewer_token: str | None = None
+        self._connections_by_address: collections.Counter[str] = collections.Counter()
+        self._connections = 0
+        self._failures: collections.OrderedDict[str, tuple[int, float]] = collections.OrderedDict()
+        self.reload()
 
     # -- statistics --------------------------------------------------------------
 
@@ -507,6 +532,29 @@ class Relay:
 
     # -- connections ---------------------------------------------------------------
 
+    def reload(self) -> None:
+        """(Re)read the token files and the TLS certificate, key and client CA.
+
+        New connections use what was read; established ones keep going.  Called
+        at start and on SIGHUP by ``serve``.
+
+        Raises:
+          OSError: a file cannot be read (the previous settings stay).
+          ssl.SSLError: the certificate or key is invalid (likewise).
+        """
+        config = self.config
+        agent_token = config.agent_token or _read_token(config.agent_token_file)
+        viewer_token = config.viewer_token or _read_token(config.viewer_token_file)
+        contexts: dict[frozenset[Role], ssl.SSLContext] = {}
+        if config.tls_cert is not None:
+            for roles, port in ((AGENT_ROLES, "agent"), (VIEWER_ROLES, "viewer")):
+                mutual = config.tls_client_ca is not None and config.tls_client_ca_ports in ("both", port)
+                contexts[roles] = make_server_ssl_context(
+                    config.tls_cert, config.tls_key, client_ca=config.tls_client_ca if mutual else None
+                )
+        self._agent_token, self._viewer_token = agent_token, viewer_token
+        self._ssl_contexts = contexts
+
     def memory_connector(self, port: Literal["agent", "viewer"]) -> Connector:
         """A ``connector`` for clients that reaches this relay over in-memory streams.
 
@@ -537,8 +585,37 @@ class Relay:
 
     async def _handle(self, port_roles: frozenset[Role], stream: trio.abc.Stream) -> None:
         peer = _peer_name(stream)
-        if self._ssl_context is not None:
-            stream = trio.SSLStream(stream, self._ssl_context, server_side=True)
+        address = peer.rpartition(":")[0] or peer
+        config = self.config
+        if (
+            self._connections >= config.max_connections
+            or self._connections_by_address[address] >= config.max_connections_per_address
+        ):
+            self._reject_count(ErrorCode.LIMIT_REACHED)
+            log.warning("%s: refused: connection limit reached", peer)
+            with (
+                trio.move_on_after(1.0),
+                contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+            ):
+                if not self._ssl_contexts:
+                    reject = Reject(code=ErrorCode.LIMIT_REACHED, reason="too many connections")
+                    await stream.send_all(encode_preamble() + encode_message(reject))
+            await trio.aclose_forcefully(stream)
+            return
+        self._connections += 1
+        self._connections_by_address[address] += 1
+        try:
+            await self._handle_counted(port_roles, stream, peer)
+        finally:
+            self._connections -= 1
+            self._connections_by_address[address] -= 1
+            if not self._connections_by_address[address]:
+                del self._connections_by_address[address]
+
+    async def _handle_counted(self, port_roles: frozenset[Role], stream: trio.abc.Stream, peer: str) -> None:
+        context = self._ssl_contexts.get(port_roles)
+        if context is not None:
+            stream = trio.SSLStream(stream, context, server_side=True)
         conn = Connection(
             stream, max_payload=MAX_CONTROL_PAYLOAD, name=peer, send_timeout=self.config.send_timeout
         )
@@ -570,9 +647,26 @@ class Relay:
     def _reject_count(self, code: ErrorCode) -> None:
         self._rejected[code.value] = self._rejected.get(code.value, 0) + 1
 
+    async def _failure_delay(self, peer: str) -> None:
+        """Count a failed handshake from ``peer``'s address; slow repeat offenders."""
+        address = peer.rpartition(":")[0] or peer
+        now = trio.current_time()
+        count, last = self._failures.pop(address, (0, now))
+        if now - last > FAILURE_MEMORY:
+            count = 0
+        count += 1
+        self._failures[address] = (count, now)
+        while len(self._failures) > MAX_TRACKED_ADDRESSES:
+            self._failures.popitem(last=False)
+        excess = count - self.config.auth_failures_before_delay
+        if excess > 0:
+            await trio.sleep(min(0.1 * 2 ** min(excess, 10), MAX_FAILURE_DELAY))
+
     async def _reject(self, conn: Connection, code: ErrorCode, reason: str) -> None:
         self._reject_count(code)
         log.warning("%s: rejected (%s): %s", conn.name, code.value, reason)
+        if code in _FAILURE_CODES:
+            await self._failure_delay(conn.name.rpartition(" ")[2])
         with trio.move_on_after(1.0):
             try:
                 await conn.send_raw(encode_preamble() + encode_message(Reject(code=code, reason=reason)))
@@ -642,7 +736,7 @@ class Relay:
                 conn, ErrorCode.WRONG_ROLE, f"role {hello.role.value} is not served on the {port} port"
             )
             return None
-        expected = self.config.agent_token if hello.role in AGENT_ROLES else self.config.viewer_token
+        expected = self._agent_token if hello.role in AGENT_ROLES else self._viewer_token
         if expected is not None and not hmac.compare_digest((hello.token or "").encode(), expected.encode()):
             await self._reject(conn, ErrorCode.BAD_TOKEN, "missing or wrong token")
             return None
@@ -1021,12 +1115,28 @@ def _peer_name(stream: trio.abc.Stream) -> str:
         return "peer"
 
 
-def make_server_ssl_context(cert: str, key: str | None) -> ssl.SSLContext:
-    """A server context with the ssl module's secure defaults, TLS 1.2 minimum."""
+def make_server_ssl_context(cert: str, key: str | None, *, client_ca: str | None = None) -> ssl.SSLContext:
+    """A server context with the ssl module's secure defaults, TLS 1.2 minimum.
+
+    With ``client_ca``, clients must present a certificate signed by it (mutual TLS).
+    """
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert, key)
+    if client_ca is not None:
+        context.load_verify_locations(cafile=client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def _read_token(path: str | None) -> str | None:
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as file:
+        token = file.read().strip()
+    if not token:
+        raise OSError(errno.EINVAL, "the token file is empty", path)
+    return token
 
 
 async def serve_relay(
