@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import logging
 import os
@@ -24,7 +25,17 @@ import trio
 from . import __version__
 from ._util import leaf_exception
 from .agent import open_agent
-from .config import DEFAULT_AGENT_PORT, DEFAULT_VIEWER_PORT, RelayConfig
+from .config import (
+    DEFAULT_AGENT_PORT,
+    DEFAULT_VIEWER_PORT,
+    SECRET_FIELDS,
+    ConfigError,
+    RelayConfig,
+    config_fields,
+    convert_text,
+    describe_config,
+    load_config,
+)
 from .errors import ConnectionClosed, HandshakeRejected, LoupeError, RemoteProtocolError
 from .messages import SessionAdded, SessionEnded, SessionInfo
 from .records import Gap, Level, Record
@@ -115,26 +126,14 @@ def _write_ready_file(path: str, data: dict[str, Any]) -> None:
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    overrides = {name: getattr(args, name, None) for name in config_fields() if name not in SECRET_FIELDS}
     try:
-        config = RelayConfig(
-            host=args.host,
-            agent_port=args.agent_port,
-            viewer_port=args.viewer_port,
-            agent_token=None if args.agent_token_file else os.environ.get("LOUPELIVE_AGENT_TOKEN") or None,
-            viewer_token=None if args.viewer_token_file else os.environ.get("LOUPELIVE_VIEWER_TOKEN") or None,
-            agent_token_file=args.agent_token_file,
-            viewer_token_file=args.viewer_token_file,
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
-            tls_client_ca=args.tls_client_ca,
-            tls_client_ca_ports=args.tls_client_ca_ports,
-            insecure=args.insecure,
-            max_connections=args.max_connections,
-            max_connections_per_address=args.max_connections_per_address,
-            agent_grace=args.agent_grace,
-        )
-    except ValueError as exc:
+        config = load_config(file=args.config, overrides=overrides)
+    except ConfigError as exc:
         raise UsageError(str(exc)) from exc
+    if args.check_config:
+        sys.stdout.write(describe_config(config) + "\n")
+        return 0
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             try:
@@ -434,6 +433,48 @@ def _client_options(parser: argparse.ArgumentParser, default_port: int, token_en
     parser.add_argument("--client-key", metavar="FILE", help="private key for --client-cert")
 
 
+#: Help for the relay options that get a command-line flag (all but secrets).
+_OPTION_HELP: dict[str, str] = {
+    "host": "address to listen on (default 127.0.0.1)",
+    "agent_port": "port for agents (default 29971; 0: any free port)",
+    "viewer_port": "port for viewers (default 29970; 0: any free port)",
+    "agent_token_file": "require the agent token in this file (default: $LOUPELIVE_AGENT_TOKEN)",
+    "viewer_token_file": "require the viewer token in this file (default: $LOUPELIVE_VIEWER_TOKEN)",
+    "tls_cert": "PEM certificate (chain allowed): TLS on both ports",
+    "tls_key": "PEM private key for --tls-cert",
+    "tls_client_ca": "require client certificates signed by this CA (mutual TLS)",
+    "tls_client_ca_ports": "which ports require client certificates: both, agent or viewer (default both)",
+    "insecure": "allow a non-loopback --host without TLS and tokens (everyone who can connect sees every log)",
+    "agent_grace": "keep a session whose agent vanished this long, as 'disconnected' (seconds, default 30)",
+}
+
+
+def _config_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per RelayConfig option (secrets excepted), default: not given."""
+    for name, field in config_fields().items():
+        if name in SECRET_FIELDS:
+            continue
+        flag = "--" + name.replace("_", "-")
+        help_text = _OPTION_HELP.get(name, f"see README (default {field.default})")
+        if str(field.type) == "bool":
+            parser.add_argument(flag, action="store_const", const=True, default=None, help=help_text)
+            continue
+        parser.add_argument(
+            flag,
+            type=functools.partial(_parse_option, name),
+            default=None,
+            metavar=name.upper(),
+            help=help_text,
+        )
+
+
+def _parse_option(name: str, text: str) -> Any:
+    try:
+        return convert_text(config_fields()[name], text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loupelive", description="Watch application logs live through a relay."
@@ -442,19 +483,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", help="logging level on stderr (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="run the relay")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument(
-        "--agent-port",
-        type=int,
-        default=DEFAULT_AGENT_PORT,
-        help=f"port for agents (default {DEFAULT_AGENT_PORT}; 0: any free port)",
+    serve = sub.add_parser(
+        "serve",
+        help="run the relay",
+        description="Run the relay. Every option can also come from --config FILE (TOML, keys named like "
+        "the options with underscores) or the environment (LOUPELIVE_ + the key in capitals); "
+        "precedence: command line > environment > file > defaults.",
     )
+    serve.add_argument("--config", metavar="FILE", help="read options from this TOML file")
     serve.add_argument(
-        "--viewer-port",
-        type=int,
-        default=DEFAULT_VIEWER_PORT,
-        help=f"port for viewers (default {DEFAULT_VIEWER_PORT}; 0: any free port)",
+        "--check-config", action="store_true", help="print the effective configuration and exit"
     )
     serve.add_argument(
         "--ready-file",
@@ -464,51 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--demo", action="store_true", help="also run a demo agent that logs realistic records"
     )
-    serve.add_argument(
-        "--agent-token-file",
-        metavar="FILE",
-        help="require this agent token (default: $LOUPELIVE_AGENT_TOKEN)",
-    )
-    serve.add_argument(
-        "--viewer-token-file",
-        metavar="FILE",
-        help="require this viewer token (default: $LOUPELIVE_VIEWER_TOKEN)",
-    )
-    serve.add_argument(
-        "--tls-cert", metavar="FILE", help="PEM certificate (chain allowed): TLS on both ports"
-    )
-    serve.add_argument("--tls-key", metavar="FILE", help="PEM private key for --tls-cert")
-    serve.add_argument(
-        "--tls-client-ca", metavar="FILE", help="require client certificates signed by this CA (mutual TLS)"
-    )
-    serve.add_argument(
-        "--tls-client-ca-ports",
-        choices=["both", "agent", "viewer"],
-        default="both",
-        help="which ports require client certificates (default both)",
-    )
-    serve.add_argument(
-        "--insecure",
-        action="store_true",
-        help="allow a non-loopback --host without TLS and tokens (everyone who can connect sees every log)",
-    )
-    serve.add_argument(
-        "--max-connections", type=int, default=16_000, metavar="N", help="open connections in total"
-    )
-    serve.add_argument(
-        "--max-connections-per-address",
-        type=int,
-        default=4_000,
-        metavar="N",
-        help="open connections per address",
-    )
-    serve.add_argument(
-        "--agent-grace",
-        type=float,
-        default=30.0,
-        metavar="SECONDS",
-        help="keep a session whose agent vanished this long, as 'disconnected' (default 30)",
-    )
+    _config_options(serve)
 
     sessions = sub.add_parser("sessions", help="list live sessions")
     _client_options(sessions, DEFAULT_VIEWER_PORT, "LOUPELIVE_VIEWER_TOKEN")

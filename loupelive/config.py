@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import json
+import os
+import tomllib
+from collections.abc import Mapping
 from typing import Any, Final
 
 import attrs
 
-__all__ = ["DEFAULT_AGENT_PORT", "DEFAULT_VIEWER_PORT", "RelayConfig"]
+__all__ = [
+    "DEFAULT_AGENT_PORT",
+    "DEFAULT_VIEWER_PORT",
+    "ConfigError",
+    "RelayConfig",
+    "describe_config",
+    "load_config",
+]
 
 #: Loupe's own defaults: agents on 29971, viewers ("desktops") on 29970.
 DEFAULT_AGENT_PORT: Final = 29971
@@ -147,3 +159,146 @@ class RelayConfig:
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
+
+
+# -- loading: command line > environment > file > defaults ---------------------------
+
+#: Fields whose values are secrets: masked when shown, and never command-line
+#: flags (they would show in ``ps``).
+SECRET_FIELDS: Final = frozenset({"agent_token", "viewer_token"})
+
+#: The environment variable of a field is this prefix + the field in capitals.
+ENV_PREFIX: Final = "LOUPELIVE_"
+
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off"})
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message says where and why."""
+
+
+def config_fields() -> dict[str, attrs.Attribute[Any]]:
+    """Every option of :class:`RelayConfig`, by name."""
+    return {field.name: field for field in attrs.fields(RelayConfig)}
+
+
+def _kind(field: attrs.Attribute[Any]) -> str:
+    """``int``, ``float``, ``bool`` or ``str`` (optional or not)."""
+    text = str(field.type)
+    for kind in ("bool", "int", "float"):
+        if text.startswith(kind):
+            return kind
+    return "str"
+
+
+def _expected(field: attrs.Attribute[Any]) -> str:
+    kind = _kind(field)
+    return {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}[kind]
+
+
+def convert_text(field: attrs.Attribute[Any], text: str) -> Any:
+    """Parse a command-line or environment string for ``field``.
+
+    Raises:
+      ValueError: not a value of the field's type.
+    """
+    kind = _kind(field)
+    if kind == "bool":
+        lowered = text.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ValueError(f"expected true or false, not {text!r}")
+    if kind == "int":
+        return int(text)
+    if kind == "float":
+        return float(text)
+    return text
+
+
+def _check_file_value(field: attrs.Attribute[Any], value: Any) -> Any:
+    kind = _kind(field)
+    ok = {
+        "bool": isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "str": isinstance(value, str),
+    }[kind]
+    if not ok:
+        raise ValueError(f"expected {_expected(field)}, not {type(value).__name__} {value!r}")
+    return float(value) if kind == "float" else value
+
+
+def load_config(
+    *,
+    file: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> RelayConfig:
+    """Build a :class:`RelayConfig` from defaults < ``file`` (TOML) < environment < ``overrides``.
+
+    ``overrides`` are the options given on the command line (already typed).
+
+    Raises:
+      ConfigError: one clear message naming the file or variable, the key and
+        what is expected (with a suggestion for a misspelt key).
+    """
+    fields = config_fields()
+    values: dict[str, Any] = {}
+    if file is not None:
+        try:
+            with open(file, "rb") as stream:
+                data = tomllib.load(stream)
+        except OSError as exc:
+            raise ConfigError(f"{file}: cannot read the configuration file: {exc.strerror or exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{file}: not valid TOML: {exc}") from exc
+        for key, value in data.items():
+            field = fields.get(key)
+            if field is None:
+                close = difflib.get_close_matches(key, list(fields), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"{file}: unknown key {key!r}{hint}")
+            try:
+                values[key] = _check_file_value(field, value)
+            except ValueError as exc:
+                raise ConfigError(f"{file}: key {key!r}: {exc}") from exc
+    environ = os.environ if environ is None else environ
+    for name, field in fields.items():
+        variable = ENV_PREFIX + name.upper()
+        if variable in environ and environ[variable] != "":
+            try:
+                values[name] = convert_text(field, environ[variable])
+            except ValueError as exc:
+                raise ConfigError(
+                    f"environment variable {variable}: expected {_expected(field)}: {exc}"
+                ) from exc
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = value
+    try:
+        return RelayConfig(**values)
+    except (ValueError, TypeError) as exc:
+        origin = f"{file}: " if file else ""
+        raise ConfigError(f"{origin}{exc}") from exc
+
+
+def describe_config(config: RelayConfig) -> str:
+    """The effective configuration as TOML, secrets masked."""
+    lines = []
+    for name in config_fields():
+        value = getattr(config, name)
+        if value is None:
+            lines.append(f"# {name} is not set")
+            continue
+        if name in SECRET_FIELDS:
+            lines.append(f'{name} = "********"')
+        elif isinstance(value, bool):
+            lines.append(f"{name} = {'true' if value else 'false'}")
+        elif isinstance(value, (int, float)):
+            lines.append(f"{name} = {value}")
+        else:
+            lines.append(f"{name} = {json.dumps(value)}")
+    return "\n".join(lines)
