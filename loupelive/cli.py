@@ -270,6 +270,60 @@ async def _sessions(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- stats -----------------------------------------------------------------------------
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    """A readable summary of a relay's statistics."""
+    ratio = stats["raw_bytes_in"] / stats["bytes_in"] if stats["bytes_in"] else 0.0
+    lines = [
+        f"uptime              {stats['uptime']:.0f} s",
+        f"sessions            {stats['sessions']} ({stats['streaming_sessions']} streaming, "
+        f"{stats['disconnected_sessions']} disconnected)",
+        f"connections         {stats['connections']} (agents {stats['agent_connections']}, agent data "
+        f"{stats['agent_data_connections']}, viewers {stats['viewer_connections']}, viewer streams "
+        f"{stats['viewer_streams']})",
+        f"records in          {stats['records_in']} in {stats['batches_in']} batches",
+        f"bytes in / out      {_human_bytes(stats['bytes_in'])} / {_human_bytes(stats['bytes_out'])}"
+        f" (compression {ratio:.1f}x)",
+        f"dropped             {stats['records_dropped']} records in {stats['batches_dropped']} batches",
+        "gaps                "
+        + (", ".join(f"{k} {v}" for k, v in sorted(stats["gaps_by_reason"].items())) or "none"),
+        f"slow consumers      {stats['slow_consumer_disconnects']} disconnected",
+        f"queued              {_human_bytes(stats['queued_bytes'])}",
+        "rejected            "
+        + (", ".join(f"{k} {v}" for k, v in sorted(stats["rejected"].items())) or "none"),
+        f"memory (RSS)        {_human_bytes(stats['rss_bytes'])}",
+    ]
+    for detail in stats.get("session_details", []):
+        lines.append(
+            f"  {detail['session_id']}  {detail['app']:<16} in {detail['records_in']} records "
+            f"{_human_bytes(detail['bytes_in'])}, out {_human_bytes(detail['bytes_out'])}, "
+            f"viewers {len(detail['viewers'])}, dropped {detail['records_dropped']}"
+        )
+    return "\n".join(lines)
+
+
+async def _stats(args: argparse.Namespace) -> int:
+    host, port = parse_address(args.relay, DEFAULT_VIEWER_PORT)
+    token = _client_token(args, "LOUPELIVE_VIEWER_TOKEN")
+    async with open_viewer(host, port, token=token, tls=_client_tls(args), ca_file=args.ca) as viewer:
+        stats = await viewer.statistics(detail=args.detail)
+    if args.format == "json":
+        _print(sys.stdout, json.dumps(stats))
+    else:
+        _print(sys.stdout, format_stats(stats))
+    return 0
+
+
 # -- tail ------------------------------------------------------------------------------
 
 _COLOURS = {
@@ -509,6 +563,11 @@ def build_parser() -> argparse.ArgumentParser:
     sessions.add_argument("--format", choices=["text", "json"], default="text")
     sessions.add_argument("--watch", action="store_true", help="keep printing changes to the list")
 
+    stats = sub.add_parser("stats", help="show a running relay's statistics")
+    _client_options(stats, DEFAULT_VIEWER_PORT, "LOUPELIVE_VIEWER_TOKEN")
+    stats.add_argument("--format", choices=["text", "json"], default="text")
+    stats.add_argument("--detail", action="store_true", help="per session too")
+
     tail = sub.add_parser("tail", help="print a session's records as they arrive")
     tail.add_argument("session", metavar="SESSION", help="session id, unambiguous id prefix, or app name")
     _client_options(tail, DEFAULT_VIEWER_PORT, "LOUPELIVE_VIEWER_TOKEN")
@@ -533,6 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
 _COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {
     "serve": _serve,
     "sessions": _sessions,
+    "stats": _stats,
     "tail": _tail,
     "pipe": _pipe,
 }

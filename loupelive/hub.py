@@ -161,6 +161,8 @@ class Hub:
     name: str = "session"
     subscribers: dict[int, Subscriber] = attrs.Factory(dict)
     records_dropped: int = 0
+    raw_bytes_in: int = 0
+    gaps_by_reason: dict[str, int] = attrs.Factory(dict)
     bytes_out: int = 0
     #: The highest seq covered by the live stream so far.
     last_seq: int = 0
@@ -193,13 +195,18 @@ class Hub:
             return
         sub.put(encode_message(GapNotice(first_seq=first, last_seq=last, reason=reason)))
         sub.gaps += 1
-        self.gaps_sent += 1
+        self._count_gap(reason)
         sub.last_seq = max(sub.last_seq, last)
+
+    def _count_gap(self, reason: str) -> None:
+        self.gaps_sent += 1
+        self.gaps_by_reason[reason] = self.gaps_by_reason.get(reason, 0) + 1
 
     def on_batch(self, header: BatchHeader, frame: bytes) -> None:
         """Route one BATCH frame (``frame`` is the whole encoded frame)."""
         self.batches_in += 1
         self.bytes_in += len(frame)
+        self.raw_bytes_in += header.raw_len
         self.records_in += header.count
         if not header.history:
             self.last_seq = max(self.last_seq, header.last_seq)
@@ -267,14 +274,14 @@ class Hub:
             if sub is not None and sub.state is SubscriberState.PENDING:
                 sub.put(frame)
                 sub.gaps += 1
-                self.gaps_sent += 1
+                self._count_gap(gap.reason)
             return
         for sub in self.subscribers.values():
             if sub.state in (SubscriberState.LIVE, SubscriberState.WAIT_SYNC):
                 if gap.last_seq > sub.last_seq:
                     sub.put(frame)
                     sub.gaps += 1
-                    self.gaps_sent += 1
+                    self._count_gap(gap.reason)
                     sub.last_seq = gap.last_seq
             # SKIPPING viewers get one GAP covering everything they missed.
 

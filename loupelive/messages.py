@@ -30,6 +30,7 @@ __all__ = [
     "AddViewer",
     "Close",
     "GapNotice",
+    "GetStats",
     "Goodbye",
     "Heartbeat",
     "Hello",
@@ -44,6 +45,7 @@ __all__ = [
     "SessionInfo",
     "SnapshotEnd",
     "StartStream",
+    "Stats",
     "StopStream",
     "StreamEnd",
     "decode_message",
@@ -495,6 +497,30 @@ class SnapshotEnd(Message):
 
 
 @attrs.frozen(kw_only=True)
+class GetStats(Message):
+    """Viewer → relay: ask for the relay's statistics."""
+
+    KIND: ClassVar = FrameKind.GET_STATS
+    detail: bool = False
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> GetStats:
+        return cls(detail=_get(obj, "detail", bool, False))
+
+
+@attrs.frozen(kw_only=True)
+class Stats(Message):
+    """Relay → viewer: the relay's statistics as a JSON object."""
+
+    KIND: ClassVar = FrameKind.STATS
+    stats: dict[str, Any]
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> Stats:
+        return cls(stats=_get(obj, "stats", dict))
+
+
+@attrs.frozen(kw_only=True)
 class GapNotice(Message):
     """Data connections: seqs ``first_seq..last_seq`` will not arrive.
 
@@ -556,6 +582,8 @@ _CLASSES: Final[dict[FrameKind, type[Message]]] = {
         SessionChanged,
         SessionEnded,
         SnapshotEnd,
+        GetStats,
+        Stats,
         GapNotice,
         StreamEnd,
     )

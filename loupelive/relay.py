@@ -39,8 +39,10 @@ import errno
 import functools
 import hmac
 import itertools
+import json
 import logging
 import math
+import os
 import secrets
 import ssl
 import time
@@ -63,6 +65,7 @@ from .messages import (
     Accept,
     AddViewer,
     GapNotice,
+    GetStats,
     Goodbye,
     Hello,
     Message,
@@ -76,6 +79,7 @@ from .messages import (
     SessionInfo,
     SnapshotEnd,
     StartStream,
+    Stats,
     StopStream,
     StreamEnd,
     decode_message,
@@ -106,6 +110,11 @@ WRITE_COALESCE: Final = 256 * 1024
 #: At most one REQUEST_SYNC per session per this many seconds: a burst of
 #: viewers joining or skipping needs only one sync point.
 SYNC_REQUEST_INTERVAL: Final = 0.05
+
+#: Bytes of per-session detail in one STATS frame (the control frame limit is 256 KiB).
+STATS_DETAIL_BUDGET: Final = 200 * 1024
+
+PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 #: Failed handshakes from one address are remembered this long (seconds) …
 FAILURE_MEMORY: Final = 60.0
@@ -140,6 +149,8 @@ class RelayStatistics:
     uptime: float
     sessions: int
     streaming_sessions: int
+    #: Sessions whose agent is away, within their grace period.
+    disconnected_sessions: int
     agent_connections: int
     agent_data_connections: int
     viewer_connections: int
@@ -148,12 +159,22 @@ class RelayStatistics:
     records_in: int
     bytes_in: int
     bytes_out: int
+    #: Uncompressed size of the records that came in (bytes_in / this: the
+    #: compression ratio on the wire).
+    raw_bytes_in: int
     records_dropped: int
     batches_dropped: int
     gaps_sent: int
+    #: Gaps sent to viewers, by reason (viewer_slow, agent_overflow, …).
+    gaps_by_reason: dict[str, int]
     slow_consumer_disconnects: int
     queued_bytes: int
+    #: Handshakes refused and connections closed for cause, by error code.
     rejected: dict[str, int]
+    #: Open connections (all roles, handshakes included).
+    connections: int
+    #: Resident memory of the relay's process (0 where unknown).
+    rss_bytes: int
     #: Per session, with ``statistics(detail=True)``; empty otherwise.
     session_details: tuple[SessionStatistics, ...] = ()
 
@@ -406,10 +427,10 @@ class _ListListener:
     queued: int = 0
     overflowed: bool = False
 
-    def put(self, frame: bytes) -> None:
+    def put(self, frame: bytes, *, force: bool = False) -> None:
         if self.overflowed:
             return
-        if self.queued >= self.limit:
+        if self.queued >= self.limit and not force:
             self.overflowed = True
             self.send_channel.close()
             return
@@ -448,8 +469,18 @@ class Relay:
         self._bytes_out = 0
         # Totals of sessions that ended, so relay counters never go backwards.
         self._closed_hub_totals = dict.fromkeys(
-            ("batches_in", "records_in", "bytes_in", "records_dropped", "batches_dropped", "gaps_sent"), 0
+            (
+                "batches_in",
+                "records_in",
+                "bytes_in",
+                "raw_bytes_in",
+                "records_dropped",
+                "batches_dropped",
+                "gaps_sent",
+            ),
+            0,
         )
+        self._closed_gaps: dict[str, int] = {}
         self._slow_disconnects = 0
         self._ssl_contexts: dict[frozenset[Role], ssl.SSLContext] = {}
         self._agent_token: str | None = None
@@ -464,16 +495,23 @@ class Relay:
     def statistics(self, *, detail: bool = False) -> RelayStatistics:
         """Counters and gauges of the whole relay (and per session with ``detail``)."""
         totals = dict(self._closed_hub_totals)
+        gaps = dict(self._closed_gaps)
         queued = 0
         for session in self.sessions.values():
             hub = session.hub
             for key in totals:
                 totals[key] += getattr(hub, key)
+            for reason, count in hub.gaps_by_reason.items():
+                gaps[reason] = gaps.get(reason, 0) + count
             queued += hub.queued_bytes
         return RelayStatistics(
             uptime=time.monotonic() - self._started,
             sessions=len(self.sessions),
             streaming_sessions=sum(1 for s in self.sessions.values() if s.data_conn is not None),
+            disconnected_sessions=sum(1 for s in self.sessions.values() if s.control is None),
+            gaps_by_reason=gaps,
+            connections=self._connections,
+            rss_bytes=_rss_bytes(),
             agent_connections=self._counts["agent_connections"],
             agent_data_connections=self._counts["agent_data_connections"],
             viewer_connections=self._counts["viewer_connections"],
@@ -487,6 +525,23 @@ class Relay:
             else (),
             **totals,
         )
+
+    def _stats_for_wire(self, detail: bool) -> dict[str, Any]:
+        """``statistics()`` as JSON that fits one control frame."""
+        stats = self.statistics(detail=detail).to_json()
+        details = list(stats.pop("session_details"))
+        if detail:
+            # The busiest sessions first, as many as fit a frame.
+            details.sort(key=lambda d: d["bytes_in"], reverse=True)
+            kept, size = [], 0
+            for item in details:
+                size += len(json.dumps(item))
+                if size > STATS_DETAIL_BUDGET:
+                    break
+                kept.append(item)
+            stats["session_details"] = kept
+            stats["session_details_truncated"] = len(kept) < len(details)
+        return stats
 
     @staticmethod
     def _session_statistics(session: Session) -> SessionStatistics:
@@ -889,6 +944,8 @@ class Relay:
             session.data_scope.cancel()
         for key in self._closed_hub_totals:
             self._closed_hub_totals[key] += getattr(session.hub, key)
+        for reason, count in session.hub.gaps_by_reason.items():
+            self._closed_gaps[reason] = self._closed_gaps.get(reason, 0) + count
         self._broadcast(SessionEnded(session_id=session.session_id, reason=code.value))
         log.info("session %s ended: %s", session.session_id, reason)
 
@@ -980,6 +1037,11 @@ class Relay:
                 nursery.start_soon(self._write_list, conn, listener)
                 while True:
                     message = await conn.receive_message()
+                    if isinstance(message, GetStats):
+                        listener.put(
+                            encode_message(Stats(stats=self._stats_for_wire(message.detail))), force=True
+                        )
+                        continue
                     raise RemoteProtocolError(
                         f"unexpected {type(message).__name__} from a viewer",
                         code=ErrorCode.UNEXPECTED_MESSAGE,
@@ -1127,6 +1189,15 @@ def make_server_ssl_context(cert: str, key: str | None, *, client_ca: str | None
         context.load_verify_locations(cafile=client_ca)
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def _rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as file:
+            return int(file.read().split()[1]) * PAGE_SIZE
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _read_token(path: str | None) -> str | None:

@@ -25,7 +25,7 @@ import logging
 import math
 import ssl
 from collections.abc import AsyncIterator, Callable
-from typing import Final
+from typing import Any, Final
 
 import trio
 import trio_util
@@ -47,6 +47,7 @@ from .errors import (
 from .messages import (
     Accept,
     GapNotice,
+    GetStats,
     Hello,
     Role,
     SessionAdded,
@@ -54,6 +55,7 @@ from .messages import (
     SessionEnded,
     SessionInfo,
     SnapshotEnd,
+    Stats,
     StreamEnd,
     decode_message,
 )
@@ -342,6 +344,7 @@ class Viewer:
         self._heartbeat_interval = 5.0
         self._closed: ConnectionClosed | None = None
         self._control: Connection | None = None
+        self._stats_waiters: list[trio.MemorySendChannel[dict[str, Any]]] = []
         #: True while the control connection is up (it reconnects by itself).
         self.connected = trio_util.AsyncBool(True)
 
@@ -403,6 +406,10 @@ class Viewer:
                 except (ConnectionClosed, RemoteProtocolError) as exc:
                     log.warning("lost the relay %s:%d (%s); reconnecting", self.host, self.port, exc)
                 self.connected.value = False
+                # Questions asked on the lost connection will not be answered.
+                for waiter in self._stats_waiters:
+                    waiter.close()
+                self._stats_waiters.clear()
                 with trio.CancelScope(shield=True):
                     await conn.aclose()
                 while True:
@@ -460,8 +467,31 @@ class Viewer:
     async def _read_control(self, conn: Connection) -> None:
         while True:
             message = await conn.receive_message()
+            if isinstance(message, Stats):
+                if self._stats_waiters:
+                    self._stats_waiters.pop(0).send_nowait(message.stats)
+                continue
             self._apply(message)
             self._dispatch(message)
+
+    async def statistics(self, *, detail: bool = False) -> dict[str, Any]:
+        """The relay's statistics (``Relay.statistics()`` as JSON), asked over the wire.
+
+        With ``detail``, also per session (the busiest first, as many as fit one
+        frame; ``session_details_truncated`` says if some were left out).
+        """
+        if self._control is None:
+            raise ConnectionClosed("not connected to the relay", code=ErrorCode.INTERNAL)
+        send, receive = trio.open_memory_channel[dict[str, Any]](1)
+        self._stats_waiters.append(send)
+        await self._control.send(GetStats(detail=detail))
+        async with receive:
+            try:
+                return await receive.receive()
+            except trio.EndOfChannel:
+                raise ConnectionClosed(
+                    "the connection to the relay was lost before it answered", code=ErrorCode.INTERNAL
+                ) from None
 
     def _dispatch(self, message: object) -> None:
         for listener in list(self._listeners):

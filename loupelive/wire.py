@@ -132,6 +132,10 @@ class FrameKind(enum.IntEnum):
     SESSION_ENDED = 22
     #: Relay → viewer: the initial snapshot is complete (``count``).
     SNAPSHOT_END = 23
+    #: Viewer → relay: send the relay's statistics (``detail``: per session too).
+    GET_STATS = 24
+    #: Relay → viewer: the statistics (``stats``: an object, see RelayStatistics).
+    STATS = 25
     # -- data connections ------------------------------------------------------
     #: Agent → relay → viewer: one compressed batch of records.  Binary payload:
     #: a 29-byte header then brotli bytes (see ``loupelive.records``).

@@ -331,3 +331,34 @@ async def test_data_connection_loss_resumes_without_gap_or_duplicate(relay: loup
             nursery.cancel_scope.cancel()
         assert sink.seqs() == list(range(1, 601))
         assert not [item for item in sink.items if isinstance(item, Gap)]
+
+
+async def test_statistics_over_the_wire_count_exactly(relay: loupelive.Relay) -> None:
+    count = 500
+    with trio.fail_after(TEST_TIMEOUT):
+        async with (
+            loupelive.open_agent("127.0.0.1", relay.agent_port, app="counted") as agent,
+            loupelive.open_viewer("127.0.0.1", relay.viewer_port) as viewer,
+            viewer.open_stream(agent.session_id) as stream,
+        ):
+            await wait_until(lambda: agent.statistics().viewers == 1)
+            for i in range(count):
+                agent.log(Level.INFO, f"counted {i}")
+            await collect(stream, count)
+            stats = await viewer.statistics(detail=True)
+            assert stats["records_in"] == count
+            assert stats["sessions"] == 1
+            assert stats["viewer_streams"] == 1
+            assert stats["viewer_connections"] == 1
+            assert stats["bytes_in"] > 0
+            assert stats["raw_bytes_in"] > stats["bytes_in"]  # it was compressed
+            assert stats["gaps_by_reason"] == {}
+            assert stats["rss_bytes"] > 0
+            [detail] = stats["session_details"]
+            assert detail["session_id"] == agent.session_id
+            assert detail["records_in"] == count
+            assert stats["session_details_truncated"] is False
+            # The same numbers as the in-process call.
+            local = relay.statistics()
+            assert local.records_in == stats["records_in"]
+            assert local.bytes_in == stats["bytes_in"]
