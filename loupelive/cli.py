@@ -164,6 +164,18 @@ async def _serve(args: argparse.Namespace) -> int:
                         log.info("reloaded the TLS certificate and the token files")
                     continue
                 log.info("received %s, shutting down", signal.Signals(signum).name)
+                # A second signal during the grace period stops at once.
+                with trio.move_on_after(config.shutdown_grace + 1.0) as grace_scope:
+                    async with trio.open_nursery() as waiter:
+
+                        async def second_signal() -> None:
+                            async for _ in signals:
+                                grace_scope.cancel()
+                                return
+
+                        waiter.start_soon(second_signal)
+                        await relay.shutdown(config.shutdown_grace)
+                        waiter.cancel_scope.cancel()
                 nursery.cancel_scope.cancel()
                 break
     return 0

@@ -104,6 +104,9 @@ class RelayConfig:
     #: ``disconnected`` this long before it ends, so a network blip or a relay
     #: restart does not end it: its agent reconnects and viewers resume.
     agent_grace: float = attrs.field(default=30.0, validator=_non_negative)
+    #: On shutdown (SIGTERM), give viewers this long to receive what is queued
+    #: for them after everyone was told the relay is going away.
+    shutdown_grace: float = attrs.field(default=5.0, validator=_non_negative)
     #: After an agent's GOODBYE, wait this long for its data to drain to viewers.
     end_flush_timeout: float = attrs.field(default=10.0, validator=_positive)
     #: Per-viewer queue budget.  Over it, the viewer skips ahead to the next sync

@@ -459,6 +459,10 @@ class Relay:
         self._viewer_ids = itertools.count(1)
         self._started = time.monotonic()
         self._nursery: trio.Nursery | None = None
+        self._listening: trio.CancelScope | None = None
+        self._shutting_down = False
+        #: Agent and viewer control connections, told when the relay goes away.
+        self._control_connections: set[Connection] = set()
         self._counts = {
             "agent_connections": 0,
             "agent_data_connections": 0,
@@ -587,6 +591,31 @@ class Relay:
 
     # -- connections ---------------------------------------------------------------
 
+    async def shutdown(self, grace: float = 5.0) -> None:
+        """Shut down gracefully, in two phases; cancel ``serve_relay`` afterwards.
+
+        1. Stop accepting connections, and tell every agent and viewer that the
+           relay is going away (CLOSE / STREAM_END ``shutdown``), so they start
+           reconnecting at once (to this relay's successor) and resume without
+           loss by the usual rules.
+        2. Give viewers up to ``grace`` seconds to receive what is queued for
+           them; then return.
+        """
+        if self._listening is not None:
+            self._listening.cancel()
+        self._shutting_down = True
+        log.info("shutting down: telling %d sessions and their viewers", len(self.sessions))
+        viewers = [sub for session in self.sessions.values() for sub in session.hub.subscribers.values()]
+        for session in list(self.sessions.values()):
+            session.hub.end_all(ErrorCode.SHUTDOWN, "the relay is shutting down")
+        with trio.move_on_after(grace):
+            async with trio.open_nursery() as nursery:
+                for conn in list(self._control_connections):
+                    nursery.start_soon(conn.aclose, ErrorCode.SHUTDOWN, "the relay is shutting down")
+                for sub in viewers:
+                    # Set once its writer has sent everything, STREAM_END last.
+                    nursery.start_soon(sub.done.wait)
+
     def reload(self) -> None:
         """(Re)read the token files and the TLS certificate, key and client CA.
 
@@ -679,6 +708,8 @@ class Relay:
             if hello is None:
                 return
             conn.name = f"{hello.role.value} {peer}"
+            if hello.role in (Role.AGENT_CONTROL, Role.VIEWER_CONTROL):
+                self._control_connections.add(conn)
             handler = {
                 Role.AGENT_CONTROL: self._serve_agent_control,
                 Role.AGENT_DATA: self._serve_agent_data,
@@ -697,6 +728,7 @@ class Relay:
             log.exception("%s: internal error", conn.name)
             await conn.aclose(ErrorCode.INTERNAL, "internal error in the relay")
         finally:
+            self._control_connections.discard(conn)
             await conn.aclose()
 
     def _reject_count(self, code: ErrorCode) -> None:
@@ -1104,6 +1136,7 @@ class Relay:
                     raise RemoteProtocolError(exc.reason, code=ErrorCode.SLOW_CONSUMER) from exc
                 nursery.cancel_scope.cancel()
         finally:
+            sub.done.set()
             self._counts["viewer_streams"] -= 1
             session.remove_subscriber(sub)
             log.info("session %s: viewer %d left", session.session_id, sub.id)
@@ -1243,20 +1276,24 @@ async def serve_relay(
     )
     with collapse_groups():
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                functools.partial(
-                    trio.serve_listeners,
-                    relay.handle_agent_connection,
-                    agent_listeners,
-                    handler_nursery=None,
-                )
-            )
-            nursery.start_soon(
-                functools.partial(
-                    trio.serve_listeners,
-                    relay.handle_viewer_connection,
-                    viewer_listeners,
-                )
-            )
             relay._nursery = nursery
+            # Connections run in the relay's nursery; the listeners in a scope
+            # of their own, so shutdown() can stop accepting first.
+            listening = trio.CancelScope()
+            relay._listening = listening
+
+            async def listen() -> None:
+                with listening:
+                    async with trio.open_nursery() as listeners:
+                        for handler, group in (
+                            (relay.handle_agent_connection, agent_listeners),
+                            (relay.handle_viewer_connection, viewer_listeners),
+                        ):
+                            listeners.start_soon(
+                                functools.partial(
+                                    trio.serve_listeners, handler, group, handler_nursery=nursery
+                                )
+                            )
+
+            nursery.start_soon(listen)
             task_status.started(relay)

@@ -268,10 +268,12 @@ class Stream:
             self._ready.append(Gap(first, message.last_seq, message.reason))
             self.gaps_received += 1
         elif isinstance(message, StreamEnd):
+            if message.code not in (ErrorCode.SESSION_ENDED, ErrorCode.AGENT_LOST, ErrorCode.STOPPED):
+                # Not the end of the session (e.g. the relay shutting down):
+                # a break, resumed like any other.
+                raise ConnectionClosed(message.reason or "the stream was closed", code=message.code)
             self.end_code = message.code
             self.end_reason = message.reason
-            if message.code not in (ErrorCode.SESSION_ENDED, ErrorCode.AGENT_LOST, ErrorCode.STOPPED):
-                raise ConnectionClosed(message.reason or "the stream was closed", code=message.code)
         else:
             raise RemoteProtocolError(
                 f"unexpected {type(message).__name__} on a data connection",
