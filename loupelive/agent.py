@@ -40,7 +40,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
-from typing import Final
+from typing import Any, Final
 
 import attrs
 import trio
@@ -226,8 +226,7 @@ class Agent:
 
         Must be called from the Trio thread that runs the agent.
         """
-        record = Record(
-            seq=self._next_seq,
+        return self.add(
             timestamp=time.time() if timestamp is None else timestamp,
             level=level,
             logger=logger,
@@ -236,7 +235,36 @@ class Agent:
             exception=exception,
             fields=fields,
         )
-        return self.append(record)
+
+    def add(
+        self,
+        *,
+        timestamp: float,
+        level: Level | int,
+        logger: str,
+        message: str,
+        thread: str,
+        exception: str | None,
+        fields: Mapping[str, object] | None,
+    ) -> int:
+        """Build a record with the next seq and append it (thread-safe).  Returns the seq.
+
+        The record is built once, with its final seq, under the buffer lock.
+        """
+        with self._lock:
+            record = Record(
+                seq=self._next_seq,
+                timestamp=timestamp,
+                level=level,
+                logger=logger,
+                message=message,
+                thread=thread,
+                exception=exception,
+                fields=fields,
+            )
+            seq = self._append_locked(clip_record(record))
+        self._notify()
+        return seq
 
     def append(self, record: Record) -> int:
         """Append a prepared record, renumbered to the next seq.  Returns its seq.
@@ -247,23 +275,33 @@ class Agent:
         while nobody watches, a record costs this append and nothing more.
         """
         record = clip_record(record)
+        with self._lock:
+            if record.seq != self._next_seq:
+                record = attrs.evolve(record, seq=self._next_seq)
+            seq = self._append_locked(record)
+        self._notify()
+        return seq
+
+    def _append_locked(self, record: Record) -> int:
+        """Append ``record`` (numbered ``_next_seq``); the caller holds the lock."""
+        seq = self._next_seq
+        self._next_seq = seq + 1
         size = _record_size(record)
         buffer = self._buffer
-        with self._lock:
-            seq = self._next_seq
-            self._next_seq = seq + 1
-            if record.seq != seq:
-                record = attrs.evolve(record, seq=seq)
-            buffer.append(record)
-            self._sizes.append(size)
-            self._buffered_bytes += size
-            while len(buffer) > self._buffer_records or (
-                self._buffered_bytes > self._buffer_bytes_max and len(buffer) > 1
-            ):
-                old = buffer.popleft()
-                self._buffered_bytes -= self._sizes.popleft()
-                if self._streaming.value and old.seq > self._taken_upto:
-                    self._dropped += 1
+        buffer.append(record)
+        self._sizes.append(size)
+        self._buffered_bytes += size
+        while len(buffer) > self._buffer_records or (
+            self._buffered_bytes > self._buffer_bytes_max and len(buffer) > 1
+        ):
+            old = buffer.popleft()
+            self._buffered_bytes -= self._sizes.popleft()
+            if self._streaming.value and old.seq > self._taken_upto:
+                self._dropped += 1
+        return seq
+
+    def _notify(self) -> None:
+        """Wake the streamer after an append (outside the lock)."""
         if threading.get_ident() == self._trio_thread:
             self._wake.set()
         elif (self._streaming.value or self._closing) and not self._wake_scheduled:
@@ -273,7 +311,6 @@ class Agent:
                 self._trio_token.run_sync_soon(self._wake_from_thread)
             except (trio.RunFinishedError, AssertionError):
                 self._wake_scheduled = False
-        return seq
 
     def _wake_from_thread(self) -> None:
         self._wake_scheduled = False
@@ -608,16 +645,44 @@ class Agent:
     # -- closing ---------------------------------------------------------------------
 
     async def _close(self) -> None:
+        """Deliver what viewers are owed, say GOODBYE, wait for the relay to finish.
+
+        Bounded by ``close_timeout`` in all.
+        """
         self._closing = True
         self._wake.set()
         with trio.move_on_after(self._close_timeout):
+            if self._stream_wanted.value is not None and self._viewers:
+                # A viewer is known and its stream is starting: it is owed the
+                # records, so let the stream come up before waiting for its end.
+                await _wait_either(self._streaming, True, self._stream_wanted, None)
             await self._streaming.wait_value(False)
             control = self._control
             if control is not None:
                 try:
                     await control.send(Goodbye(reason="the session ended"))
                 except ConnectionClosed:
-                    pass
+                    return
+                # The relay closes the connection once the session's data has
+                # reached its viewers; a stream it asked for meanwhile is still
+                # served (the control connection keeps reading commands).
+                await self.connected.wait_value(False)
+
+
+async def _wait_either(
+    first: trio_util.AsyncValue[Any],
+    first_value: object,
+    second: trio_util.AsyncValue[Any],
+    second_value: object,
+) -> None:
+    async with trio.open_nursery() as nursery:
+
+        async def wait(value: trio_util.AsyncValue[Any], wanted: object) -> None:
+            await value.wait_value(wanted)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(wait, first, first_value)
+        nursery.start_soon(wait, second, second_value)
 
 
 def default_session_info(

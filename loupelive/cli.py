@@ -58,7 +58,7 @@ class CommandError(Exception):
     """A command failed in a way the user can act on (exit code 1)."""
 
 
-def parse_address(text: str | None, default_port: int) -> tuple[str, int]:
+def parse_address(text: str | None, default_port: int, *, allow_zero: bool = False) -> tuple[str, int]:
     """Parse ``HOST``, ``HOST:PORT``, ``:PORT`` or ``[V6]:PORT``.
 
     Raises:
@@ -80,7 +80,7 @@ def parse_address(text: str | None, default_port: int) -> tuple[str, int]:
     host = host or "127.0.0.1"
     if not port:
         return host, default_port
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not port.isdigit() or not (0 if allow_zero else 1) <= int(port) < 65536:
         raise UsageError(f"bad port in relay address {text!r}")
     return host, int(port)
 
@@ -147,11 +147,31 @@ async def _serve(args: argparse.Namespace) -> int:
                     f"cannot listen on {config.host} (agent port {config.agent_port}, "
                     f"viewer port {config.viewer_port}): {exc.strerror or exc}"
                 ) from exc
+            ready: dict[str, Any] = {
+                "agent_port": relay.agent_port,
+                "viewer_port": relay.viewer_port,
+                "pid": os.getpid(),
+            }
+            if args.metrics:
+                try:
+                    from .metrics import serve_metrics
+                except ImportError as exc:
+                    raise CommandError(str(exc)) from exc
+
+                metrics_host, metrics_port = parse_address(args.metrics, 9464, allow_zero=True)
+                try:
+                    ready["metrics_port"] = await nursery.start(
+                        functools.partial(serve_metrics, per_session=bool(args.metrics_per_session)),
+                        relay,
+                        metrics_host,
+                        metrics_port,
+                    )
+                except OSError as exc:
+                    raise CommandError(
+                        f"cannot serve metrics on {args.metrics}: {exc.strerror or exc}"
+                    ) from exc
             if args.ready_file:
-                _write_ready_file(
-                    args.ready_file,
-                    {"agent_port": relay.agent_port, "viewer_port": relay.viewer_port, "pid": os.getpid()},
-                )
+                _write_ready_file(args.ready_file, ready)
             if args.demo:
                 nursery.start_soon(_run_demo_agent, config, relay.agent_port, relay._agent_token)
             async for signum in signals:
@@ -567,6 +587,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--demo", action="store_true", help="also run a demo agent that logs realistic records"
+    )
+    serve.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics and /healthz over HTTP here (needs loupelive[metrics])",
+    )
+    serve.add_argument(
+        "--metrics-per-session", action="store_true", help="also export per-session series (opt-in)"
     )
     _config_options(serve)
 

@@ -44,7 +44,6 @@ from .agent import (
     run_agent,
 )
 from .config import DEFAULT_AGENT_PORT
-from .records import Record
 
 __all__ = ["LiveHandler"]
 
@@ -219,9 +218,25 @@ class LiveHandler(logging.Handler):
 
     # -- logging.Handler -------------------------------------------------------------
 
+    def _is_own(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        return (
+            name == _OWN_LOGGER_PREFIX
+            or name.startswith(_OWN_LOGGER_PREFIX + ".")
+            or threading.current_thread() is self._thread
+        )
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        # Our own messages are dropped before logging takes the handler's lock:
+        # the agent thread must never wait for that lock (close() holds it
+        # during logging.shutdown() while it waits for the agent thread).
+        if self._is_own(record):
+            return False
+        return super().handle(record)
+
     def emit(self, record: logging.LogRecord) -> None:
         """Append ``record`` to the agent's buffer.  Never blocks, never raises."""
-        if record.name.startswith(_OWN_LOGGER_PREFIX) or threading.current_thread() is self._thread:
+        if self._is_own(record):
             return  # our own messages: never feed them back into the session
         try:
             if self._needs_start:
@@ -239,17 +254,14 @@ class LiveHandler(logging.Handler):
             if record.stack_info:
                 exception = f"{exception}\n{record.stack_info}" if exception else record.stack_info
             fields = {k: str(v) for k, v in record.__dict__.items() if k not in _STANDARD_ATTRS}
-            self._agent.append(
-                Record(
-                    seq=0,
-                    timestamp=record.created,
-                    level=record.levelno,
-                    logger=record.name,
-                    message=record.getMessage(),
-                    thread=record.threadName or "",
-                    exception=exception,
-                    fields=fields,
-                )
+            self._agent.add(
+                timestamp=record.created,
+                level=record.levelno,
+                logger=record.name,
+                message=record.getMessage(),
+                thread=record.threadName or "",
+                exception=exception,
+                fields=fields,
             )
         except Exception:
             self.handleError(record)

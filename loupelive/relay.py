@@ -142,6 +142,36 @@ _HTTP_400: Final = (
 )
 
 
+#: Upper bounds of the records-per-batch histogram.
+BATCH_SIZE_BUCKETS: Final = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+
+
+@attrs.define
+class Histogram:
+    """Cumulative bucket counts, like a Prometheus histogram, without the library."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = attrs.field(init=False)
+    total: float = 0.0
+    samples: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        self.counts = [0] * len(self.bounds)
+
+    def observe(self, value: float) -> None:
+        self.total += value
+        self.samples += 1
+        for index, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[index] += 1
+
+    def buckets(self) -> list[tuple[str, int]]:
+        """``(upper bound, cumulative count)`` pairs, ending with ``+Inf``."""
+        return [(str(bound), count) for bound, count in zip(self.bounds, self.counts, strict=True)] + [
+            ("+Inf", self.samples)
+        ]
+
+
 @attrs.frozen(kw_only=True)
 class RelayStatistics:
     """A snapshot of what the relay is doing (see :meth:`Relay.statistics`)."""
@@ -347,6 +377,7 @@ class Session:
             self.stream_no += 1
             self.stream_wanted = True
             self.stream_key = secrets.token_urlsafe(18)
+            self.data_done = trio.Event()
             self.command(StartStream(stream=self.stream_no, key=self.stream_key))
 
     def add_subscriber(self, hello: Hello) -> Subscriber:
@@ -463,6 +494,8 @@ class Relay:
         self._shutting_down = False
         #: Agent and viewer control connections, told when the relay goes away.
         self._control_connections: set[Connection] = set()
+        #: Records per batch received from agents (for metrics).
+        self.batch_sizes = Histogram(BATCH_SIZE_BUCKETS)
         self._counts = {
             "agent_connections": 0,
             "agent_data_connections": 0,
@@ -590,6 +623,11 @@ class Relay:
             self._broadcast(SessionChanged(session=session.public_info()))
 
     # -- connections ---------------------------------------------------------------
+
+    @property
+    def shutting_down(self) -> bool:
+        """True once :meth:`shutdown` has begun."""
+        return self._shutting_down
 
     async def shutdown(self, grace: float = 5.0) -> None:
         """Shut down gracefully, in two phases; cancel ``serve_relay`` afterwards.
@@ -912,8 +950,10 @@ class Relay:
                 session.disconnected_at = time.time()
         if goodbye is not None:
             session.closing = True
-            if session.data_conn is not None:
-                # Let the data connection deliver what viewers are owed.
+            if session.data_conn is not None or session.stream_wanted:
+                # Let the data connection (perhaps still on its way) deliver
+                # what viewers are owed; the agent keeps its control connection
+                # open until we close it.
                 with trio.move_on_after(self.config.end_flush_timeout):
                     await session.data_done.wait()
             self._end_session(session, ErrorCode.SESSION_ENDED, goodbye.reason or "the session ended")
@@ -1007,7 +1047,6 @@ class Relay:
         cancel_scope = trio.CancelScope()
         session.data_conn = conn
         session.data_scope = cancel_scope
-        session.data_done = trio.Event()
         self._counts["agent_data_connections"] += 1
         self._changed(session)
         end: StreamEnd | None = None
@@ -1033,6 +1072,7 @@ class Relay:
                 except StreamDecodeError as exc:
                     raise RemoteProtocolError(str(exc), code=ErrorCode.BAD_STREAM) from exc
                 hub.on_batch(header, encode_frame(FrameKind.BATCH, frame.payload))
+                self.batch_sizes.observe(header.count)
                 continue
             message = decode_message(frame)
             if isinstance(message, GapNotice):

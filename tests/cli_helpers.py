@@ -340,7 +340,9 @@ async def start_relay(tmp_path: Path, *extra: str) -> AsyncIterator[Relay]:
         )
         with trio.fail_after(10):
             ready = json.loads(await wait_for_file(ready_file))
-        assert ready == {"agent_port": int(match[1]), "viewer_port": int(match[2]), "pid": child.pid}
+        expected = {"agent_port": int(match[1]), "viewer_port": int(match[2]), "pid": child.pid}
+        assert {key: ready[key] for key in expected} == expected
+        assert set(ready) <= {*expected, "metrics_port"}
         assert not _leftover_temporaries(ready_file), "the ready file's temporary was left behind"
         yield Relay(child, ready["agent_port"], ready["viewer_port"], ready)
 
