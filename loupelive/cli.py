@@ -50,6 +50,23 @@ log = logging.getLogger("loupelive")
 MAX_PIPE_LINE = 1024 * 1024
 
 
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per log line: time, level, logger, message (and exception)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        obj: dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            obj["exception"] = self.formatException(record.exc_info)
+        return json.dumps(obj)
+
+
 class UsageError(Exception):
     """Bad arguments found after parsing (exit code 2)."""
 
@@ -567,6 +584,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"loupelive {__version__}")
     parser.add_argument("--log-level", default="INFO", help="logging level on stderr (default INFO)")
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="log lines on stderr as text or as JSON objects, one per line (default text)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser(
@@ -652,13 +675,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         level = Level.parse(args.log_level).value
     except ValueError as exc:
         parser.error(str(exc))
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        if args.command == "serve"
-        else "loupelive: %(message)s",
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    if args.log_format == "json":
+        handler.setFormatter(JsonLogFormatter())
+    elif args.command == "serve":
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("loupelive: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
     if getattr(args, "history", 0) < 0:
         parser.error("--history must not be negative")
     try:

@@ -578,6 +578,10 @@ async def test_relay_restart_loses_and_duplicates_nothing(tmp_path: Path, kill: 
             assert [o["type"] for o in objects if o["type"] != "record"] == ["session_ended"]
             assert_no_traceback(tail.stderr.text)
             assert_no_traceback(pipe.stderr.text)
+            if kill == signal.SIGTERM:
+                # A graceful shutdown tells viewers and agents it is going away.
+                assert "shutting down" in tail.stderr.text, tail.describe()
+                assert "shutting down" in pipe.stderr.text, pipe.describe()
 
 
 # -- 8. serve --demo ----------------------------------------------------------------------------
@@ -665,3 +669,17 @@ async def test_version() -> None:
         result = await run_once("--version")
     assert result.returncode == 0, str(result)
     assert re.fullmatch(r"loupelive \d+\.\d+\.\d+\S*\n", result.stdout), str(result)
+
+
+async def test_serve_logs_json_lines(tmp_path: Path) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with run_cli(
+            "--log-format", "json", "serve", "--agent-port", "0", "--viewer-port", "0"
+        ) as child:
+            line = await child.stderr.wait_for_line(r"relay listening", "the listening log line")
+            record = json.loads(line.string)
+            assert record["level"] == "INFO"
+            assert record["logger"] == "loupelive.relay"
+            assert record["message"].startswith("relay listening on 127.0.0.1")
+            child.send_signal(signal.SIGTERM)
+            assert await child.wait() == 0
