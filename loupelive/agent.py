@@ -192,6 +192,8 @@ class Agent:
         self.last_error = ""
         # Proves to the relay that a reconnecting agent owns this session.
         self._secret = secrets.token_urlsafe(24)
+        # Set once the first connection attempt succeeded or failed.
+        self._first_attempt_done = trio.Event()
         self._stream_key = ""
         self._backoff = Backoff(first=reconnect_min, maximum=reconnect_max)
         self._dropped = 0
@@ -391,6 +393,7 @@ class Agent:
                 await trio.sleep(delay)
                 continue
             backoff.reset()
+            self._first_attempt_done.set()
             self._control = conn
             self.connected.value = True
             self.status = "connected"
@@ -652,6 +655,9 @@ class Agent:
         self._closing = True
         self._wake.set()
         with trio.move_on_after(self._close_timeout):
+            # A short-lived program: let its session at least register, so the
+            # records it logged reach the relay's viewers (and captures).
+            await self._first_attempt_done.wait()
             if self._stream_wanted.value is not None and self._viewers:
                 # A viewer is known and its stream is starting: it is owed the
                 # records, so let the stream come up before waiting for its end.
