@@ -89,9 +89,10 @@ class RelayConfig:
     #: network everyone's logs.
     insecure: bool = False
     #: Heartbeats are sent after this much quiet on any connection …
-    heartbeat_interval: float = attrs.field(default=5.0, validator=_positive)
+    #: (15 s: an idle session costs about 1 byte/s of heartbeats, both ways.)
+    heartbeat_interval: float = attrs.field(default=15.0, validator=_positive)
     #: … and a peer silent this long is dropped (three missed heartbeats).
-    heartbeat_timeout: float = attrs.field(default=15.0, validator=_positive)
+    heartbeat_timeout: float = attrs.field(default=45.0, validator=_positive)
     #: A write that makes no progress for this long means the peer stopped
     #: reading: its connection is closed (viewers: ``slow_consumer``).
     send_timeout: float = attrs.field(default=30.0, validator=_positive)

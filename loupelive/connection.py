@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import ssl
-import time
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -95,6 +94,8 @@ class Connection:
         # can (and should) still tell it why we are closing.
         self._closed: ConnectionClosed | None = None
         self._receive_error: Exception | None = None
+        #: When the chunk being written started (None: no write in progress).
+        self._send_progress: float | None = None
         self.last_sent = trio.current_time()
         self.last_received = trio.current_time()
         self.bytes_received = 0
@@ -145,17 +146,14 @@ class Connection:
         async with self._send_lock:
             self._check()
             try:
-                # The deadline is per chunk: it catches a peer that stopped
-                # reading, not a slow link that is still making progress.
+                # Progress is stamped per chunk; the heartbeat task fails the
+                # connection when a chunk makes no progress for send_timeout (a
+                # peer that stopped reading, not a slow link).  A watchdog
+                # instead of a cancel scope per write: sends are the hot path.
                 view = memoryview(data)
                 for offset in range(0, len(view), SEND_CHUNK):
-                    with trio.fail_after(self.send_timeout):
-                        await self.stream.send_all(view[offset : offset + SEND_CHUNK])
-            except trio.TooSlowError:
-                raise self._fail(
-                    f"{self.name}: peer stopped reading (send blocked for {self.send_timeout:g} s)",
-                    ErrorCode.TIMEOUT,
-                ) from None
+                    self._send_progress = trio.current_time()
+                    await self.stream.send_all(view[offset : offset + SEND_CHUNK])
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise self._fail(
                     f"{self.name}: send failed: {exc or type(exc).__name__}", ErrorCode.INTERNAL
@@ -164,6 +162,8 @@ class Connection:
                 # Cancelled half-way: part of a frame may be on the wire.
                 self._fail(f"{self.name}: a send was interrupted", ErrorCode.INTERNAL)
                 raise
+            finally:
+                self._send_progress = None
             self.last_sent = trio.current_time()
             self.bytes_sent += len(data)
 
@@ -183,6 +183,7 @@ class Connection:
 
     async def _receive_event(self) -> Preamble | Frame:
         self._check_receive()
+        read_anything = False
         while True:
             try:
                 event = self._decoder.next_event()
@@ -190,6 +191,11 @@ class Connection:
                 raise self._fail_receive(exc) from None
             if event is not None:
                 self.last_received = trio.current_time()
+                if not read_anything:
+                    # Served from the buffer: still a checkpoint, as every
+                    # Trio receive must be, so one busy connection cannot
+                    # starve the other tasks.
+                    await trio.lowlevel.checkpoint()
                 return event
             if self._decoder.at_eof:
                 raise self._fail_receive(
@@ -203,6 +209,7 @@ class Connection:
                 ) from exc
             except BaseException:
                 raise
+            read_anything = True
             self.bytes_received += len(data)
             self.last_received = trio.current_time()
             self._decoder.receive_data(data)
@@ -258,13 +265,25 @@ class Connection:
                 raise self._fail_receive(
                     ConnectionClosed(f"{self.name}: peer silent for {silence:g} s", code=ErrorCode.TIMEOUT)
                 )
-            if now - self.last_sent >= interval:
-                # A stalled peer must not wedge the heartbeat task: the receive
-                # deadline above still applies, so bound the send by it.
-                with trio.move_on_after(silence):
-                    await self.send(Heartbeat(time=time.time()))
+            started = self._send_progress
+            if started is not None and now - started >= self.send_timeout:
+                # The peer stopped reading: fail the connection, which also
+                # ends the blocked write.
+                error = self._fail(
+                    f"{self.name}: peer stopped reading (a write made no progress for {self.send_timeout:g} s)",
+                    ErrorCode.TIMEOUT,
+                )
+                await trio.aclose_forcefully(self.stream)
+                raise error
+            if now - self.last_sent >= interval and not self._send_lock.locked():
+                # A stalled peer must not wedge this task, the watchdog: bound
+                # the (rare) heartbeat write itself.
+                with trio.move_on_after(self.send_timeout):
+                    await self.send(Heartbeat())
             self._check()
             wake = min(self.last_sent + interval, self.last_received + silence)
+            if self._send_progress is not None:
+                wake = min(wake, self._send_progress + self.send_timeout)
             await trio.sleep_until(max(wake, trio.current_time() + interval / 10))
 
     async def aclose(self, code: ErrorCode | None = None, reason: str = "") -> None:

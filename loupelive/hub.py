@@ -95,6 +95,8 @@ class Subscriber:
     bytes_written: int = 0
     #: Set when the viewer has lost too large a share: its handler closes it.
     too_lossy: trio.Event = attrs.Factory(trio.Event)
+    #: Counted once as a slow-consumer disconnect.
+    slow_counted: bool = False
     #: Set when its handler is finished (everything queued was written or dropped).
     done: trio.Event = attrs.Factory(trio.Event)
     send_channel: trio.MemorySendChannel[bytes] = attrs.field(init=False)

@@ -1172,7 +1172,7 @@ class Relay:
                     if exc.code is not ErrorCode.TIMEOUT:
                         raise
                     # Its writes stopped making progress: a stalled reader.
-                    self._slow_consumer(session)
+                    self._slow_consumer(session, sub)
                     raise RemoteProtocolError(exc.reason, code=ErrorCode.SLOW_CONSUMER) from exc
                 nursery.cancel_scope.cancel()
         finally:
@@ -1210,12 +1210,15 @@ class Relay:
             with trio.move_on_at(deadline):
                 await sub.too_lossy.wait()
         log.warning("session %s: viewer %d disconnected: %s", session.session_id, sub.id, reason)
-        self._slow_consumer(session)
+        self._slow_consumer(session, sub)
         # Its writer delivers what is queued, the gap and the CLOSE, then ends
         # (or hits the send deadline if the viewer reads nothing at all).
         session.hub.disconnect_slow(sub, reason)
 
-    def _slow_consumer(self, session: Session) -> None:
+    def _slow_consumer(self, session: Session, sub: Subscriber) -> None:
+        if sub.slow_counted:
+            return  # the watchdog and the writer may both notice the same viewer
+        sub.slow_counted = True
         self._slow_disconnects += 1
         session.slow_disconnects += 1
 
