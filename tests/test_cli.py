@@ -683,3 +683,40 @@ async def test_serve_logs_json_lines(tmp_path: Path) -> None:
             assert record["message"].startswith("relay listening on 127.0.0.1")
             child.send_signal(signal.SIGTERM)
             assert await child.wait() == 0
+
+
+async def test_stats_reports_exactly_what_went_through(tmp_path: Path) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with start_relay(tmp_path) as relay:
+            async with (
+                run_cli(
+                    "tail",
+                    "counted",
+                    "--relay",
+                    relay.viewer,
+                    "--wait",
+                    "--format",
+                    "json",
+                    "--history",
+                    "100",
+                ) as tail,
+                run_cli("pipe", "--app", "counted", "--relay", relay.agent, stdin=True) as pipe,
+            ):
+                await pipe_session_id(pipe, "counted")
+                # Lines logged before the stream is up arrive as history: each
+                # record reaches the relay exactly once either way.
+                for i in range(25):
+                    await pipe.write(f"line {i}\n")
+                await tail.stdout.wait_count(25, "the 25 records")
+                result = await run_once("stats", "--relay", relay.viewer, "--format", "json")
+                assert result.returncode == 0, result
+                stats = json.loads(result.stdout)
+                assert stats["records_in"] == 25
+                assert stats["sessions"] == 1
+                assert stats["streaming_sessions"] == 1
+                assert stats["viewer_streams"] == 1
+                assert stats["rejected"] == {}
+                text = await run_once("stats", "--relay", relay.viewer)
+                assert "records in          25" in text.stdout
+                await pipe.close_stdin()
+                assert await pipe.wait() == 0
