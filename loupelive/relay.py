@@ -46,7 +46,7 @@ import os
 import secrets
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, Final, Literal
 
 import attrs
@@ -754,17 +754,9 @@ class Relay:
                 Role.VIEWER_CONTROL: self._serve_viewer_control,
                 Role.VIEWER_DATA: self._serve_viewer_data,
             }[hello.role]
-            with collapse_groups():
-                await handler(conn, hello)
-        except RemoteProtocolError as exc:
-            log.warning("%s: protocol error: %s", conn.name, exc)
-            await conn.aclose(exc.code, str(exc))
-        except ConnectionClosed as exc:
-            log.info("%s", exc.reason)
-        except Exception:
-            # A bug in the relay: this connection goes, everyone else stays.
-            log.exception("%s: internal error", conn.name)
-            await conn.aclose(ErrorCode.INTERNAL, "internal error in the relay")
+            async with _peer_errors(conn):
+                with collapse_groups():
+                    await handler(conn, hello)
         finally:
             self._control_connections.discard(conn)
             await conn.aclose()
@@ -928,17 +920,10 @@ class Relay:
             self._changed(session)
         goodbye: Goodbye | None = None
         try:
-            await self._accept(conn, session.public_info())
-            session.resume_viewers()
-            goodbye = await self._run_agent_control(conn, session)
-        except RemoteProtocolError as exc:
-            log.warning("%s: protocol error: %s", conn.name, exc)
-            await conn.aclose(exc.code, str(exc))
-        except ConnectionClosed as exc:
-            log.info("%s", exc.reason)
-        except Exception:
-            log.exception("%s: internal error", conn.name)
-            await conn.aclose(ErrorCode.INTERNAL, "internal error in the relay")
+            async with _peer_errors(conn):
+                await self._accept(conn, session.public_info())
+                session.resume_viewers()
+                goodbye = await self._run_agent_control(conn, session)
         finally:
             self._counts["agent_connections"] -= 1
             if session.control is conn:
@@ -1123,23 +1108,14 @@ class Relay:
             self._counts["viewer_connections"] -= 1
 
     async def _write_list(self, conn: Connection, listener: _ListListener) -> None:
-        async with listener.receive_channel:
-            while True:
-                try:
-                    first = await listener.receive_channel.receive()
-                except trio.EndOfChannel:
-                    break
-                frames = [first]
-                size = len(first)
-                while size < WRITE_COALESCE:
-                    try:
-                        frames.append(listener.receive_channel.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                    size += len(frames[-1])
-                listener.queued -= len(frames)
-                await conn.send_raw(b"".join(frames))
-                self._bytes_out += size
+        async with (
+            listener.receive_channel,
+            contextlib.aclosing(_coalesced(listener.receive_channel)) as writes,
+        ):
+            async for data, count in writes:
+                listener.queued -= count
+                await conn.send_raw(data)
+                self._bytes_out += len(data)
         if listener.overflowed:
             self._slow_disconnects += 1
             raise RemoteProtocolError(
@@ -1224,24 +1200,53 @@ class Relay:
 
     async def _write_stream(self, conn: Connection, sub: Subscriber, hub: Hub) -> None:
         receive = sub.receive_channel
-        async with receive:
-            while True:
-                try:
-                    first = await receive.receive()
-                except trio.EndOfChannel:
-                    return
-                frames = [first]
-                size = len(first)
-                while size < WRITE_COALESCE:
-                    try:
-                        frames.append(receive.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                    size += len(frames[-1])
-                await conn.send_raw(b"".join(frames) if len(frames) > 1 else first)
-                sub.written(size)
-                hub.bytes_out += size
-                self._bytes_out += size
+        async with receive, contextlib.aclosing(_coalesced(receive)) as writes:
+            async for data, _count in writes:
+                await conn.send_raw(data)
+                sub.written(len(data))
+                hub.bytes_out += len(data)
+                self._bytes_out += len(data)
+
+
+async def _coalesced(receive: trio.MemoryReceiveChannel[bytes]) -> AsyncGenerator[tuple[bytes, int], None]:
+    """Queued frames joined into writes of up to WRITE_COALESCE bytes: ``(data, frames)``.
+
+    Waits for the first frame, then takes whatever else is already queued.
+    """
+    while True:
+        try:
+            first = await receive.receive()
+        except trio.EndOfChannel:
+            return
+        frames = [first]
+        size = len(first)
+        while size < WRITE_COALESCE:
+            try:
+                frame = receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            frames.append(frame)
+            size += len(frame)
+        yield (b"".join(frames) if len(frames) > 1 else first), len(frames)
+
+
+@contextlib.asynccontextmanager
+async def _peer_errors(conn: Connection) -> AsyncIterator[None]:
+    """A peer's expected failures end here: logged, the peer told why, swallowed.
+
+    Anything else is a relay bug: logged with its traceback, and only this
+    connection goes.
+    """
+    try:
+        yield
+    except RemoteProtocolError as exc:
+        log.warning("%s: protocol error: %s", conn.name, exc)
+        await conn.aclose(exc.code, str(exc))
+    except ConnectionClosed as exc:
+        log.info("%s", exc.reason)
+    except Exception:
+        log.exception("%s: internal error", conn.name)
+        await conn.aclose(ErrorCode.INTERNAL, "internal error in the relay")
 
 
 def _peer_name(stream: trio.abc.Stream) -> str:
