@@ -375,6 +375,7 @@ class Agent:
                     self._hello(Role.AGENT_CONTROL, session=self.info, secret=self._secret)
                 )
             except (OSError, ConnectionClosed, RemoteProtocolError) as exc:
+                self._first_attempt_done.set()
                 if first:
                     raise
                 self.last_error = str(exc)

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 import re
+import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 
@@ -60,6 +62,8 @@ class TestRelay:
     __test__ = False  # not a pytest test class
 
     relay: Relay
+    #: The CA file clients should trust when the relay uses TLS (see env()).
+    ca_file: str | None = None
 
     @property
     def agent_port(self) -> int:
@@ -85,22 +89,25 @@ class TestRelay:
         token = self.relay._agent_token
         if token:
             env["LOUPELIVE_AGENT_TOKEN"] = token
-        if self.config.tls_cert:
-            env["LOUPELIVE_CA"] = self.config.tls_cert
+        ca_file = self.ca_file or self.config.tls_cert
+        if ca_file:
+            env["LOUPELIVE_CA"] = os.path.abspath(ca_file)
         return env
 
 
 @contextlib.asynccontextmanager
-async def open_relay(**overrides: Any) -> AsyncIterator[TestRelay]:
+async def open_relay(*, ca_file: str | None = None, **overrides: Any) -> AsyncIterator[TestRelay]:
     """A relay on 127.0.0.1 with ephemeral ports and test-friendly settings.
 
     Keyword arguments override :class:`~loupelive.RelayConfig` options.
+    ``ca_file`` is the CA that issued ``tls_cert`` (what ``env()`` tells
+    clients to trust); without it, a self-signed ``tls_cert`` is trusted as is.
     """
     config = RelayConfig(**{**TEST_DEFAULTS, **overrides})
     async with trio.open_nursery() as nursery:
         relay = await nursery.start(serve_relay, config)
         try:
-            yield TestRelay(relay)
+            yield TestRelay(relay, ca_file=ca_file)
         finally:
             nursery.cancel_scope.cancel()
 
@@ -237,6 +244,8 @@ async def open_capture(
     app: str | None = None,
     session_id: str | None = None,
     token: str | None = None,
+    tls: bool | ssl.SSLContext = False,
+    ca_file: str | None = None,
 ) -> AsyncIterator[Capture]:
     """Collect the records of matching sessions, present and future, from their
     first record on (the agents' history included).
@@ -246,12 +255,24 @@ async def open_capture(
         (reached over in-memory streams), or a viewer address ``"host:port"``.
       app, session_id: which sessions to capture (default: all).
       token: the viewer token, for an address.
+      tls, ca_file: TLS for an address (as for ``open_viewer``).  A relay
+        handle with TLS is reached over in-memory streams inside this process,
+        so its certificate is not checked there.
     """
     capture = Capture(app=app, session_id=session_id)
     if isinstance(relay_or_address, (TestRelay, Relay)):
         relay = relay_or_address.relay if isinstance(relay_or_address, TestRelay) else relay_or_address
+        in_process: bool | ssl.SSLContext = False
+        if relay.config.tls:
+            # The bytes never leave this process: TLS is only spoken because
+            # the relay insists on it.
+            in_process = ssl.create_default_context()
+            in_process.check_hostname = False
+            in_process.verify_mode = ssl.CERT_NONE
         viewer_cm = open_viewer(
-            connector=relay.memory_connector("viewer"), token=token or relay._viewer_token
+            connector=relay.memory_connector("viewer"),
+            token=token or relay._viewer_token,
+            tls=in_process,
         )
     else:
         if isinstance(relay_or_address, str):
@@ -259,7 +280,7 @@ async def open_capture(
             address = (host or "127.0.0.1", int(port))
         else:
             address = relay_or_address
-        viewer_cm = open_viewer(address[0], address[1], token=token)
+        viewer_cm = open_viewer(address[0], address[1], token=token, tls=tls, ca_file=ca_file)
     async with viewer_cm as viewer, trio.open_nursery() as nursery:
         await nursery.start(capture._run, viewer, nursery)
         try:
