@@ -107,11 +107,17 @@ GAP_HISTORY_UNAVAILABLE: Final = "history_unavailable"
 
 def _record_size(record: Record) -> int:
     """Encoded size, slightly over-estimated (exact text bytes, generous framing)."""
-    size = _RECORD_OVERHEAD + text_size(record.message) + text_size(record.logger) + text_size(record.thread)
+    message, logger, thread = record.message, record.logger, record.thread
+    # Inline ASCII fast paths: this runs for every record logged.
+    size = _RECORD_OVERHEAD
+    size += len(message) if message.isascii() else text_size(message)
+    size += len(logger) if logger.isascii() else text_size(logger)
+    size += len(thread) if thread.isascii() else text_size(thread)
     if record.exception:
         size += text_size(record.exception)
-    for key, value in record.fields.items():
-        size += text_size(key) + text_size(value) + 8
+    if record.fields:
+        for key, value in record.fields.items():
+            size += text_size(key) + text_size(value) + 8
     return size
 
 

@@ -235,9 +235,10 @@ class LiveHandler(logging.Handler):
         return super().handle(record)
 
     def emit(self, record: logging.LogRecord) -> None:
-        """Append ``record`` to the agent's buffer.  Never blocks, never raises."""
-        if self._is_own(record):
-            return  # our own messages: never feed them back into the session
+        """Append ``record`` to the agent's buffer.  Never blocks, never raises.
+
+        (Our own records were already turned away by :meth:`handle`.)
+        """
         try:
             if self._needs_start:
                 with self._state_lock:
@@ -253,7 +254,9 @@ class LiveHandler(logging.Handler):
                 )
             if record.stack_info:
                 exception = f"{exception}\n{record.stack_info}" if exception else record.stack_info
-            fields = {k: str(v) for k, v in record.__dict__.items() if k not in _STANDARD_ATTRS}
+            # Set difference runs in C; most records have no extra fields.
+            extra = record.__dict__.keys() - _STANDARD_ATTRS
+            fields = {k: str(record.__dict__[k]) for k in extra} if extra else None
             self._agent.add(
                 timestamp=record.created,
                 level=record.levelno,
