@@ -91,7 +91,10 @@ def _get(obj: Mapping[str, Any], key: str, kind: type[T], default: Any = ...) ->
         return default  # type: ignore[no-any-return]
     value = obj[key]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise _bad(f"field {key!r} is out of range") from None
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise _bad(f"field {key!r} must be {kind.__name__}, not {type(value).__name__}")
     if kind is float and not math.isfinite(value):  # type: ignore[arg-type]
@@ -643,5 +646,5 @@ def decode_message(frame: Frame) -> Message:
         return cls.from_json(obj)
     except RemoteProtocolError:
         raise
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise _bad(f"invalid {frame.kind.name}: {exc}") from exc

@@ -742,7 +742,12 @@ class Relay:
             stream, max_payload=MAX_CONTROL_PAYLOAD, name=peer, send_timeout=self.config.send_timeout
         )
         try:
-            hello = await self._handshake(conn, port_roles, peer)
+            try:
+                hello = await self._handshake(conn, port_roles, peer)
+            except Exception:
+                # A bug in the handshake: this connection goes, everyone else stays.
+                log.exception("%s: internal error during the handshake", peer)
+                return
             if hello is None:
                 return
             conn.name = f"{hello.role.value} {peer}"
@@ -903,6 +908,9 @@ class Relay:
             session = Session(info=hello.session, relay=self, secret=hello.secret or "")
             self.sessions[session_id] = session
         session.attach(conn, hello.session)
+        # What belongs to this attachment, taken before any await: another
+        # connection may take the session over while we are still accepting.
+        outbox, detached = session.outbox_receive, session.detached
         self._counts["agent_connections"] += 1
         info = session.info
         log.info(
@@ -922,12 +930,13 @@ class Relay:
         try:
             async with _peer_errors(conn):
                 await self._accept(conn, session.public_info())
-                session.resume_viewers()
-                goodbye = await self._run_agent_control(conn, session)
+                if session.control is conn:
+                    session.resume_viewers()
+                    goodbye = await self._run_agent_control(conn, session, outbox, detached)
         finally:
             self._counts["agent_connections"] -= 1
+            detached.set()
             if session.control is conn:
-                session.detached.set()
                 session.control = None
             if goodbye is None and session.control is None and not session.ended:
                 # Cancelled (relay shutdown) or a lost connection: the session
@@ -959,7 +968,13 @@ class Relay:
             if session.control is None:
                 self._end_session(session, ErrorCode.AGENT_LOST, "the agent's connection was lost")
 
-    async def _run_agent_control(self, conn: Connection, session: Session) -> Goodbye | None:
+    async def _run_agent_control(
+        self,
+        conn: Connection,
+        session: Session,
+        outbox: trio.MemoryReceiveChannel[Message],
+        detached: trio.Event,
+    ) -> Goodbye | None:
         """Heartbeats, commands out, GOODBYE in; returns the GOODBYE.
 
         Returns None if another connection took the session over.
@@ -968,8 +983,8 @@ class Relay:
             async with trio.open_nursery() as nursery:
                 session.nursery = nursery
                 nursery.start_soon(self._heartbeats, conn)
-                nursery.start_soon(self._drain_outbox, session, session.outbox_receive)
-                nursery.start_soon(self._wait_detached, session, nursery.cancel_scope)
+                nursery.start_soon(self._drain_outbox, conn, outbox)
+                nursery.start_soon(self._wait_detached, detached, nursery.cancel_scope)
                 while True:
                     message = await conn.receive_message()
                     if isinstance(message, Goodbye):
@@ -983,9 +998,9 @@ class Relay:
         return None  # taken over: _wait_detached cancelled the nursery
 
     @staticmethod
-    async def _wait_detached(session: Session, scope: trio.CancelScope) -> None:
+    async def _wait_detached(detached: trio.Event, scope: trio.CancelScope) -> None:
         # Another connection took the session over: stop serving this one.
-        await session.detached.wait()
+        await detached.wait()
         scope.cancel()
 
     def _end_session(self, session: Session, code: ErrorCode, reason: str) -> None:
@@ -1006,12 +1021,11 @@ class Relay:
         self._broadcast(SessionEnded(session_id=session.session_id, reason=code.value))
         log.info("session %s ended: %s", session.session_id, reason)
 
-    async def _drain_outbox(self, session: Session, outbox: trio.MemoryReceiveChannel[Message]) -> None:
-        control = session.control
-        assert control is not None
+    @staticmethod
+    async def _drain_outbox(conn: Connection, outbox: trio.MemoryReceiveChannel[Message]) -> None:
         async with outbox:
             async for message in outbox:
-                await control.send(message)
+                await conn.send(message)
 
     async def _serve_agent_data(self, conn: Connection, hello: Hello) -> None:
         session = self.sessions.get(hello.session_id or "")

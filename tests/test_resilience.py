@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ import trio.testing
 import loupelive
 from loupelive import ErrorCode, Gap, Level
 from loupelive.messages import Accept, Close, Hello, Reject, Role
+from loupelive.wire import FrameKind, encode_frame, encode_preamble
 
 from .conftest import TEST_TIMEOUT, RawPeer, Sink, collect, open_raw, test_config, wait_until
 
@@ -200,3 +202,51 @@ async def test_history_request_is_served_after_reconnect(nursery: trio.Nursery) 
             ):
                 items = await collect(stream, 5)
                 assert [r.seq for r in items if isinstance(r, loupelive.Record)] == [6, 7, 8, 9, 10]
+
+
+async def test_simultaneous_takeovers_never_break_the_relay(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Several connections racing to take one session over (found by the fuzzer)."""
+    relay = await nursery.start(loupelive.serve_relay, test_config(agent_grace=30.0))
+    connect = relay.memory_connector("agent")
+    info = loupelive.SessionInfo(app="contested")
+    with trio.fail_after(TEST_TIMEOUT):
+        for _ in range(50):
+            peers: list[RawPeer] = []
+
+            async def claim(peers: list[RawPeer] = peers) -> None:
+                peer = RawPeer(await connect("relay", 0))
+                peers.append(peer)
+                # Losers of the race may be cut off before or after their ACCEPT.
+                with contextlib.suppress(AssertionError, loupelive.RemoteProtocolError):
+                    await peer.handshake(Hello(role=Role.AGENT_CONTROL, session=info, secret="same"))
+
+            async with trio.open_nursery() as racers:
+                for _ in range(3):
+                    racers.start_soon(claim)
+            await trio.testing.wait_all_tasks_blocked()
+            for peer in peers:
+                await peer.stream.aclose()
+        # The last owner can still use the session.
+        owner = RawPeer(await connect("relay", 0))
+        answer = await owner.handshake(Hello(role=Role.AGENT_CONTROL, session=info, secret="same"))
+        assert isinstance(answer, Accept)
+        await owner.stream.aclose()
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == []
+
+
+async def test_a_number_too_large_for_a_float_is_malformed_not_fatal(relay: loupelive.Relay) -> None:
+    """One HELLO used to take the whole relay down (found by the fuzzer)."""
+    payload = b'{"role":"agent_control","session":{"session_id":"x","started_at":1' + b"0" * 400 + b"}}"
+    with trio.fail_after(TEST_TIMEOUT):
+        peer = await open_raw(relay.agent_port)
+        await peer.send(encode_preamble() + encode_frame(FrameKind.HELLO, payload))
+        await peer.next_event()
+        answer = await peer.message()
+        assert isinstance(answer, Reject)
+        assert answer.code is ErrorCode.MALFORMED
+        await peer.stream.aclose()
+        async with loupelive.open_agent("127.0.0.1", relay.agent_port, app="still-here"):
+            pass
