@@ -260,15 +260,8 @@ class Agent:
         The record is built once, with its final seq, under the buffer lock.
         """
         with self._lock:
-            record = Record(
-                seq=self._next_seq,
-                timestamp=timestamp,
-                level=level,
-                logger=logger,
-                message=message,
-                thread=thread,
-                exception=exception,
-                fields=fields,
+            record = Record._build(
+                self._next_seq, timestamp, level, logger, message, thread, exception, fields
             )
             seq = self._append_locked(clip_record(record))
         self._notify()

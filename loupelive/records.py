@@ -157,6 +157,39 @@ class Record:
     exception: str | None = None
     fields: dict[str, str] = attrs.field(factory=dict, converter=_fields_converter)
 
+    @classmethod
+    def _build(
+        cls,
+        seq: int,
+        timestamp: float,
+        level: int,
+        logger: str,
+        message: str,
+        thread: str,
+        exception: str | None,
+        fields: Mapping[str, object] | None,
+    ) -> Record:
+        """The same as the constructor, faster: for the agent's hot path.
+
+        Does what the converters do, without attrs' per-field machinery (a
+        record is built for every log call).
+        """
+        record = object.__new__(cls)
+        setattr_ = object.__setattr__
+        setattr_(record, "seq", seq)
+        setattr_(record, "timestamp", _to_microseconds(timestamp))
+        setattr_(
+            record,
+            "level",
+            _LEVEL_TABLE[level] if type(level) is int and 0 <= level < 256 else Level.from_number(level),
+        )
+        setattr_(record, "logger", logger)
+        setattr_(record, "message", message)
+        setattr_(record, "thread", thread)
+        setattr_(record, "exception", exception)
+        setattr_(record, "fields", _fields_converter(fields) if fields else {})
+        return record
+
     def to_json(self) -> dict[str, object]:
         """The record as a JSON-ready dict (``level`` as its name)."""
         return {

@@ -784,3 +784,23 @@ def test_arbitrary_record_data_raises_only_stream_errors(raw: bytes, count: int)
         BatchDecoder().decode(make_batch(raw, count=count, last_seq=count + 100))
     except StreamDecodeError:
         pass
+
+
+@pytest.mark.parametrize(
+    ("level", "fields"),
+    [(20, None), (25, {"n": 1, "s": "x"}), (5, {}), (300, {"k": None}), (-3, {"a": 1.5})],
+)
+def test_fast_construction_equals_the_constructor(level: int, fields: dict[str, object] | None) -> None:
+    built = Record._build(7, 1700000000.1234567, level, "app.db", "msg", "worker", "trace", fields)
+    made = Record(
+        seq=7,
+        timestamp=1700000000.1234567,
+        level=level,
+        logger="app.db",
+        message="msg",
+        thread="worker",
+        exception="trace",
+        fields=fields,
+    )
+    assert built == made
+    assert type(built.level) is Level
