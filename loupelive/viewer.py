@@ -342,7 +342,6 @@ class Viewer:
         self._sessions: dict[str, SessionInfo] = {}
         self._listeners: set[trio.MemorySendChannel[SessionEvent]] = set()
         self._changed = trio.Event()
-        self._nursery: trio.Nursery | None = None
         self._heartbeat_interval = 5.0
         self._closed: ConnectionClosed | None = None
         self._control: Connection | None = None
@@ -392,7 +391,6 @@ class Viewer:
         conn, snapshot = await self._connect_control()
         self._sessions = snapshot
         self._control = conn
-        self._nursery = nursery
         nursery.start_soon(self._serve_control, conn)
 
     async def _serve_control(self, conn: Connection) -> None:
