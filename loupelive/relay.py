@@ -1016,8 +1016,8 @@ class Relay:
             session.data_scope.cancel()
         for key in self._closed_hub_totals:
             self._closed_hub_totals[key] += getattr(session.hub, key)
-        for reason, count in session.hub.gaps_by_reason.items():
-            self._closed_gaps[reason] = self._closed_gaps.get(reason, 0) + count
+        for gap_reason, count in session.hub.gaps_by_reason.items():
+            self._closed_gaps[gap_reason] = self._closed_gaps.get(gap_reason, 0) + count
         self._broadcast(SessionEnded(session_id=session.session_id, reason=code.value))
         log.info("session %s ended: %s", session.session_id, reason)
 
