@@ -207,7 +207,23 @@ async def run_cli(
     ``stdin=True`` gives the test a pipe to the child's stdin (else /dev/null).
     ``stdout`` may be a file descriptor (a pty) instead of a pipe.
     """
-    argv = cli_argv(*args)
+    async with run_child(cli_argv(*args), stdin=stdin, stdout=stdout, env=env) as child:
+        yield child
+
+
+@contextlib.asynccontextmanager
+async def run_child(
+    argv: list[str],
+    *,
+    stdin: bool = False,
+    stdout: int | None = None,
+    env: dict[str, str] | None = None,
+) -> AsyncIterator[Child]:
+    """Start ``argv`` with its output pumped into ``child.stdout`` / ``child.stderr``.
+
+    The child is killed (if still running) and reaped when the block ends, and
+    a failure inside the block shows what it printed.
+    """
     process = await trio.lowlevel.open_process(
         argv,
         stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,

@@ -11,6 +11,7 @@ import trio
 
 import loupelive
 from loupelive.messages import Hello, Message, decode_message, encode_message
+from loupelive.testing import TEST_DEFAULTS
 from loupelive.wire import MAX_DATA_PAYLOAD, Frame, FrameDecoder, Preamble, encode_preamble
 
 #: Generous bound for every I/O test: these machines are shared and noisy.
@@ -18,17 +19,8 @@ TEST_TIMEOUT = 30
 
 
 def test_config(**overrides: Any) -> loupelive.RelayConfig:
-    """A relay config for tests: ephemeral loopback ports, short grace."""
-    base: dict[str, Any] = {
-        "host": "127.0.0.1",
-        "agent_port": 0,
-        "viewer_port": 0,
-        "stream_grace": 0.0,
-        "agent_grace": 0.0,
-        "end_flush_timeout": 5.0,
-    }
-    base.update(overrides)
-    return loupelive.RelayConfig(**base)
+    """A relay config for tests: the settings of ``loupelive.testing.open_relay``."""
+    return loupelive.RelayConfig(**{**TEST_DEFAULTS, **overrides})
 
 
 test_config.__test__ = False  # type: ignore[attr-defined]

@@ -19,7 +19,6 @@ import contextlib
 import functools
 import logging
 import socket
-import subprocess
 import sys
 import textwrap
 import threading
@@ -35,7 +34,7 @@ import trio
 import loupelive
 from loupelive import ErrorCode, Gap, LiveHandler, Record
 
-from .cli_helpers import Child, assert_no_traceback, child_env
+from .cli_helpers import Child, assert_no_traceback, child_env, run_child
 from .conftest import TEST_TIMEOUT, Sink, collect, test_config, wait_until
 
 #: ``close()`` of a handler whose relay is gone must return within its
@@ -124,44 +123,9 @@ def _single(group: BaseExceptionGroup[Any]) -> BaseException:
 
 @contextlib.asynccontextmanager
 async def run_python(script: Path, *args: str, env: dict[str, str] | None = None) -> AsyncIterator[Child]:
-    """Run ``python -u SCRIPT ARGS`` with pipes on all three streams.
-
-    Its output is pumped into ``child.stdout`` / ``child.stderr`` (see
-    :mod:`tests.cli_helpers`); it is killed (if still running) and reaped when
-    the block ends, and a failure inside the block shows what it printed.
-    """
-    argv = [sys.executable, "-u", str(script), *args]
-    process = await trio.lowlevel.open_process(
-        argv,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env if env is not None else child_env(),
-    )
-    child = Child(process, argv)
-    try:
-        async with trio.open_nursery() as nursery:
-            assert process.stdout is not None and process.stderr is not None
-            nursery.start_soon(child.stdout.pump, process.stdout)
-            nursery.start_soon(child.stderr.pump, process.stderr)
-            try:
-                yield child
-            except BaseException as exc:
-                exc.add_note(child.describe())
-                raise
-            finally:
-                with trio.CancelScope(shield=True):
-                    if process.returncode is None:
-                        process.kill()
-                    with trio.move_on_after(10):
-                        await process.wait()
-                    if process.stdin is not None:
-                        await process.stdin.aclose()
-    except BaseExceptionGroup as group:
-        leaf = _single(group)
-        if leaf is group:
-            raise
-        raise leaf from None
+    """Run ``python -u SCRIPT ARGS`` with pipes on all three streams (see ``run_child``)."""
+    async with run_child([sys.executable, "-u", str(script), *args], stdin=True, env=env) as child:
+        yield child
 
 
 class AgentProxy:
