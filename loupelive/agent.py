@@ -32,6 +32,7 @@ import itertools
 import logging
 import math
 import os
+import platform
 import secrets
 import socket
 import ssl
@@ -39,7 +40,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Final
 
 import attrs
@@ -53,10 +54,13 @@ from .connection import Connection, Connector, connect
 from .errors import ConnectionClosed, ErrorCode, HandshakeRejected, RemoteProtocolError
 from .messages import (
     AddViewer,
+    Counts,
     GapNotice,
     Goodbye,
+    Heartbeat,
     Hello,
     RemoveViewer,
+    ReportCounts,
     RequestSync,
     Role,
     SessionInfo,
@@ -97,6 +101,10 @@ THREAD_COMPRESS_THRESHOLD: Final = 64 * 1024
 #: Reconnection: first retry after ~0.1 s, then doubling up to 5 s (jittered).
 DEFAULT_RECONNECT_MIN: Final = 0.1
 DEFAULT_RECONNECT_MAX: Final = 5.0
+
+#: Record counters go to the relay at most this often (seconds), and only when
+#: they changed: the session list shows them without a stream.
+COUNTS_INTERVAL: Final = 1.0
 
 #: Approximate fixed cost of a record in the ring buffer, on top of its text.
 _RECORD_OVERHEAD: Final = 200
@@ -158,8 +166,12 @@ class Agent:
         connector: Connector | None = None,
         reconnect_min: float = DEFAULT_RECONNECT_MIN,
         reconnect_max: float = DEFAULT_RECONNECT_MAX,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.host = host
+        #: The wall clock that stamps records and answers the relay's clock
+        #: probes (replaceable to simulate a skewed machine).
+        self.clock = clock
         self._connector = connector
         self.port = port
         self.info = info
@@ -212,6 +224,17 @@ class Agent:
         self._heartbeat_interval = 5.0
         self._control: Connection | None = None
         self._data_conn: Connection | None = None
+        # Record counters (under the lock), reported by _report_counts.
+        self._critical = 0
+        self._errors = 0
+        self._warnings = 0
+        self._last_record_at = 0.0
+        self._counts_pending = False
+        self._counts_wake_needed = False
+        self._counts_event = trio.Event()
+        # The relay's last clock probe: (its time, our monotonic time at arrival).
+        self._probe: tuple[float, float, float] | None = None
+        self._probe_event = trio.Event()
 
     @property
     def session_id(self) -> str:
@@ -235,7 +258,7 @@ class Agent:
         Must be called from the Trio thread that runs the agent.
         """
         return self.add(
-            timestamp=time.time() if timestamp is None else timestamp,
+            timestamp=self.clock() if timestamp is None else timestamp,
             level=level,
             logger=logger,
             message=message,
@@ -254,6 +277,12 @@ class Agent:
         thread: str,
         exception: str | None,
         fields: Mapping[str, object] | None,
+        file: str = "",
+        line: int = 0,
+        function: str = "",
+        module: str = "",
+        process: int = 0,
+        thread_id: int = 0,
     ) -> int:
         """Build a record with the next seq and append it (thread-safe).  Returns the seq.
 
@@ -261,7 +290,20 @@ class Agent:
         """
         with self._lock:
             record = Record._build(
-                self._next_seq, timestamp, level, logger, message, thread, exception, fields
+                self._next_seq,
+                timestamp,
+                level,
+                logger,
+                message,
+                thread,
+                exception,
+                fields,
+                file,
+                line,
+                function,
+                module,
+                process,
+                thread_id,
             )
             seq = self._append_locked(clip_record(record))
         self._notify()
@@ -287,6 +329,18 @@ class Agent:
         """Append ``record`` (numbered ``_next_seq``); the caller holds the lock."""
         seq = self._next_seq
         self._next_seq = seq + 1
+        level = record.level
+        if level >= 30:
+            if level >= 50:
+                self._critical += 1
+            elif level >= 40:
+                self._errors += 1
+            else:
+                self._warnings += 1
+        self._last_record_at = record.timestamp
+        if not self._counts_pending:
+            self._counts_pending = True
+            self._counts_wake_needed = True
         size = _record_size(record)
         buffer = self._buffer
         buffer.append(record)
@@ -303,6 +357,15 @@ class Agent:
 
     def _notify(self) -> None:
         """Wake the streamer after an append (outside the lock)."""
+        if self._counts_wake_needed:
+            # The counters changed after the last report: wake the reporter
+            # (at most once per report, so at most once a second).
+            self._counts_wake_needed = False
+            if threading.get_ident() == self._trio_thread:
+                self._counts_event.set()
+            elif self._trio_token is not None:
+                with contextlib.suppress(trio.RunFinishedError):
+                    self._trio_token.run_sync_soon(self._wake_counts)
         if threading.get_ident() == self._trio_thread:
             self._wake.set()
         elif (self._streaming.value or self._closing) and not self._wake_scheduled:
@@ -312,6 +375,23 @@ class Agent:
                 self._trio_token.run_sync_soon(self._wake_from_thread)
             except (trio.RunFinishedError, AssertionError):
                 self._wake_scheduled = False
+
+    def _wake_counts(self) -> None:
+        self._counts_event.set()
+
+    def counts(self) -> Counts:
+        """The record counters as the session list shows them."""
+        with self._lock:
+            return self._counts_locked()
+
+    def _counts_locked(self) -> Counts:
+        return Counts(
+            records=self._next_seq - 1,
+            critical=self._critical,
+            errors=self._errors,
+            warnings=self._warnings,
+            last_record_at=self._last_record_at,
+        )
 
     def _wake_from_thread(self) -> None:
         self._wake_scheduled = False
@@ -428,6 +508,9 @@ class Agent:
     async def _run_control_tasks(self, conn: Connection) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._heartbeats, conn)
+            nursery.start_soon(self._report_counts, conn)
+            nursery.start_soon(self._answer_probes, conn)
+            conn.on_heartbeat = self._on_heartbeat
             while True:
                 message = await conn.receive_message()
                 if isinstance(message, StartStream):
@@ -451,6 +534,40 @@ class Agent:
                         code=ErrorCode.UNEXPECTED_MESSAGE,
                     )
                 self._wake.set()
+
+    async def _report_counts(self, conn: Connection) -> None:
+        """Send the record counters when they changed, at most every COUNTS_INTERVAL."""
+        last: Counts | None = None
+        if self._next_seq > 1:
+            self._counts_event.set()  # a new connection: report at once
+        while True:
+            await self._counts_event.wait()
+            self._counts_event = trio.Event()
+            with self._lock:
+                self._counts_pending = False
+                counts = self._counts_locked()
+            if counts != last:
+                await conn.send(ReportCounts(counts=counts))
+                last = counts
+            await trio.sleep(COUNTS_INTERVAL)
+
+    def _on_heartbeat(self, heartbeat: Heartbeat) -> None:
+        # Called by the connection's reader the moment a heartbeat arrives:
+        # stamp a clock probe with our clock now, answer it from a task.
+        if heartbeat.time and not heartbeat.echo:
+            self._probe = (heartbeat.time, self.clock(), trio.current_time())
+            self._probe_event.set()
+
+    async def _answer_probes(self, conn: Connection) -> None:
+        while True:
+            await self._probe_event.wait()
+            self._probe_event = trio.Event()
+            probe, self._probe = self._probe, None
+            if probe is None:
+                continue
+            relay_time, arrived, arrived_mono = probe
+            hold = max(0.0, trio.current_time() - arrived_mono)
+            await conn.send(Heartbeat(time=arrived, echo=relay_time, hold=hold))
 
     # -- data streams -------------------------------------------------------------
 
@@ -695,21 +812,38 @@ def default_session_info(
     *,
     app: str,
     app_version: str = "",
+    environment: str | None = None,
     tags: Mapping[str, object] | None = None,
     session_id: str | None = None,
 ) -> SessionInfo:
-    """Session information filled in from this process."""
+    """Session information filled in from this process.
+
+    ``environment`` defaults to ``$LOUPE_ENVIRONMENT``; the domain is the part
+    of the host name after its first dot (no DNS lookup: that could block),
+    or ``$USERDOMAIN``.
+    """
     try:
         user = getpass.getuser()
     except Exception:  # getpass raises various errors without a user database
         user = ""
+    host = socket.gethostname()
+    domain = host.partition(".")[2]
+    if not domain:
+        domain = os.environ.get("USERDOMAIN", "")
+    if environment is None:
+        environment = os.environ.get("LOUPE_ENVIRONMENT", "")
     return SessionInfo(
         session_id=session_id or str(uuid.uuid4()),
         app=app,
         app_version=app_version,
-        host=socket.gethostname(),
+        environment=environment[:1024],
+        host=host[:1024],
+        domain=domain[:1024],
         pid=os.getpid(),
-        user=user,
+        user=user[:1024],
+        os=f"{platform.system()} {platform.release()}".strip()[:1024],
+        runtime=f"{platform.python_implementation()} {platform.python_version()}",
+        agent_version=f"loupelive {__version__}",
         started_at=time.time(),
         tags=dict(tags or {}),
     )
@@ -722,6 +856,7 @@ async def open_agent(
     *,
     app: str,
     app_version: str = "",
+    environment: str | None = None,
     tags: Mapping[str, object] | None = None,
     session_id: str | None = None,
     token: str | None = None,
@@ -734,6 +869,7 @@ async def open_agent(
     connector: Connector | None = None,
     sync_interval: float = DEFAULT_SYNC_INTERVAL,
     close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
+    clock: Callable[[], float] = time.time,
 ) -> AsyncIterator[Agent]:
     """Register a session with the relay at ``host:port`` and publish records to it.
 
@@ -744,6 +880,7 @@ async def open_agent(
 
     Args:
       app: the application's name, shown to viewers.
+      environment: e.g. ``production``; defaults to ``$LOUPE_ENVIRONMENT``.
       session_id: defaults to a new UUID.
       token: the relay's agent token, if it requires one.
       tls: ``True`` for TLS with the system trust store (or ``ca_file``), or an
@@ -754,13 +891,17 @@ async def open_agent(
         when idle; a flood batches itself while sends are in flight).
       connector: ``async (host, port) -> trio.abc.Stream`` replacing TCP
         (e.g. :meth:`Relay.memory_connector` for in-process tests).
+      clock: the wall clock for record timestamps and clock probes
+        (``time.time``; tests pass a skewed one).
 
     Raises:
       OSError: the relay cannot be reached.
       HandshakeRejected: the relay refused the session (AuthenticationError for a
         bad token).
     """
-    info = default_session_info(app=app, app_version=app_version, tags=tags, session_id=session_id)
+    info = default_session_info(
+        app=app, app_version=app_version, environment=environment, tags=tags, session_id=session_id
+    )
     agent = Agent(
         host,
         port,
@@ -775,6 +916,7 @@ async def open_agent(
         connector=connector,
         sync_interval=sync_interval,
         close_timeout=close_timeout,
+        clock=clock,
     )
     async with run_agent(agent) as running:
         yield running

@@ -13,13 +13,13 @@ import functools
 import json
 import logging
 import os
+import re
 import signal
 import ssl
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TextIO
 
-import attrs
 import trio
 
 from . import __version__
@@ -37,9 +37,17 @@ from .config import (
     load_config,
 )
 from .errors import ConnectionClosed, HandshakeRejected, LoupeError, RemoteProtocolError
-from .messages import SessionAdded, SessionEnded, SessionInfo
-from .records import Gap, Level, Record
+from .records import Level
 from .relay import serve_relay
+from .term import (
+    TailOptions,
+    TailPrinter,
+    app_matcher,
+    follow_sessions,
+    session_table,
+    use_colour,
+    watch_sessions,
+)
 from .viewer import open_viewer
 
 __all__ = ["main"]
@@ -247,34 +255,6 @@ async def _run_demo_agent(config: RelayConfig, port: int, token: str | None) -> 
 # -- sessions ------------------------------------------------------------------------
 
 
-def _fmt_time(ts: float) -> str:
-    if not ts:
-        return "-"
-    return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _session_table(sessions: Sequence[SessionInfo]) -> str:
-    rows = [("SESSION", "APP", "VERSION", "HOST", "PID", "USER", "STARTED", "VIEWERS", "STREAMING")]
-    for s in sorted(sessions, key=lambda s: (s.app, s.started_at)):
-        rows.append(
-            (
-                s.session_id,
-                s.app,
-                s.app_version or "-",
-                s.host,
-                str(s.pid),
-                s.user or "-",
-                _fmt_time(s.started_at),
-                str(s.viewers),
-                "yes" if s.streaming else "no",
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows
-    )
-
-
 def _print(out: TextIO, text: str) -> None:
     out.write(text + "\n")
     out.flush()
@@ -283,39 +263,22 @@ def _print(out: TextIO, text: str) -> None:
 async def _sessions(args: argparse.Namespace) -> int:
     host, port = parse_address(args.relay, DEFAULT_VIEWER_PORT)
     token = _client_token(args, "LOUPELIVE_VIEWER_TOKEN")
+    out = sys.stdout
+    terminal = out.isatty()
+    colour = use_colour(out)
     async with open_viewer(host, port, token=token, tls=_client_tls(args), ca_file=args.ca) as viewer:
+        if args.watch and terminal and args.format == "text":
+            await watch_sessions(viewer, out, fmt="text", terminal=True, colour=colour)
+            return 0
         sessions = viewer.sessions()
-        out = sys.stdout
         if args.format == "json":
             _print(out, json.dumps([s.to_json() for s in sessions]))
         elif sessions:
-            _print(out, _session_table(sessions))
+            _print(out, session_table(sessions, colour=colour))
         else:
             _print(out, "no live sessions")
-        if not args.watch:
-            return 0
-        async for event in viewer.session_events():
-            if args.format == "json":
-                if isinstance(event, SessionEnded):
-                    obj: dict[str, Any] = {
-                        "type": "ended",
-                        "session_id": event.session_id,
-                        "reason": event.reason,
-                    }
-                else:
-                    kind = "added" if isinstance(event, SessionAdded) else "changed"
-                    obj = {"type": kind, "session": event.session.to_json()}
-                _print(out, json.dumps(obj))
-            elif isinstance(event, SessionEnded):
-                _print(out, f"- ended   {event.session_id} ({event.reason})")
-            else:
-                s = event.session
-                sign = "+ added  " if isinstance(event, SessionAdded) else "~ changed"
-                _print(
-                    out,
-                    f"{sign} {s.session_id} app={s.app} host={s.host} pid={s.pid} "
-                    f"viewers={s.viewers} streaming={'yes' if s.streaming else 'no'}",
-                )
+        if args.watch:
+            await watch_sessions(viewer, out, fmt=args.format, terminal=False, colour=colour)
     return 0
 
 
@@ -375,77 +338,56 @@ async def _stats(args: argparse.Namespace) -> int:
 
 # -- tail ------------------------------------------------------------------------------
 
-_COLOURS = {
-    Level.DEBUG: "\x1b[2m",
-    Level.INFO: "",
-    Level.WARNING: "\x1b[33m",
-    Level.ERROR: "\x1b[31m",
-    Level.CRITICAL: "\x1b[1;31m",
-}
-_RESET = "\x1b[0m"
-
-
-def format_record(record: Record, *, colour: bool) -> str:
-    """One readable line per record (plus indented exception lines)."""
-    stamp = datetime.datetime.fromtimestamp(record.timestamp).strftime("%H:%M:%S.%f")[:-3]
-    parts = [stamp, f"{record.level.name:<8}"]
-    if record.logger:
-        parts.append(record.logger)
-    if record.thread:
-        parts.append(f"[{record.thread}]")
-    line = " ".join(parts) + " " + record.message
-    if record.fields:
-        line += "  " + " ".join(f"{k}={v}" for k, v in record.fields.items())
-    if record.exception:
-        line += "\n" + "\n".join("    " + x for x in record.exception.splitlines())
-    if colour and _COLOURS[record.level]:
-        line = _COLOURS[record.level] + line + _RESET
-    return line
-
-
-def format_gap(gap: Gap, *, colour: bool) -> str:
-    count = gap.last_seq - gap.first_seq + 1
-    text = f"--- {count} record(s) not shown: seq {gap.first_seq}-{gap.last_seq} ({gap.reason}) ---"
-    return f"\x1b[7m{text}{_RESET}" if colour else text
-
 
 async def _tail(args: argparse.Namespace) -> int:
     host, port = parse_address(args.relay, DEFAULT_VIEWER_PORT)
     token = _client_token(args, "LOUPELIVE_VIEWER_TOKEN")
+    chosen = sum((args.session is not None, args.app is not None, bool(args.all)))
+    if chosen != 1:
+        raise UsageError("name exactly one of: a SESSION, --app GLOB, --all")
+    if args.since is not None and args.session is None:
+        raise UsageError("--since needs one SESSION (seqs are per session)")
     try:
         level = Level.parse(args.level) if args.level else Level.DEBUG
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+    try:
+        grep = re.compile(args.grep, re.IGNORECASE) if args.grep is not None else None
+    except re.error as exc:
+        raise UsageError(f"--grep: not a valid regular expression: {exc}") from exc
     out = sys.stdout
-    colour = args.format == "text" and out.isatty() and "NO_COLOR" not in os.environ
+    options = TailOptions(
+        format=args.format,
+        colour=args.format == "text" and use_colour(out),
+        grep=grep,
+        corrected_time=args.corrected_time,
+        labels=args.session is None,
+    )
     async with open_viewer(host, port, token=token, tls=_client_tls(args), ca_file=args.ca) as viewer:
-        info = await viewer.wait_for_session(args.session) if args.wait else viewer.find_session(args.session)
-        async with viewer.open_stream(info.session_id, history=args.history, min_level=level) as stream:
+        printer = TailPrinter(out, options, viewer)
+        if args.session is not None:
+            info = (
+                await viewer.wait_for_session(args.session)
+                if args.wait
+                else viewer.find_session(args.session)
+            )
             if args.format == "text":
                 log.info("watching session %s (%s on %s)", info.session_id, info.app, info.host)
-            async for item in stream:
-                if args.format == "json":
-                    if isinstance(item, Record):
-                        obj: dict[str, Any] = {"type": "record", **item.to_json()}
-                    else:
-                        obj = {"type": "gap", **attrs.asdict(item)}
-                    out.write(json.dumps(obj) + "\n")
-                else:
-                    line = (
-                        format_record(item, colour=colour)
-                        if isinstance(item, Record)
-                        else format_gap(item, colour=colour)
-                    )
-                    out.write(line + "\n")
-                out.flush()
-            reason = stream.end_code.value if stream.end_code else "closed"
-            if args.format == "json":
-                _print(
-                    out,
-                    json.dumps({"type": "session_ended", "session_id": info.session_id, "reason": reason}),
-                )
-            else:
-                log.warning("session %s ended (%s)", info.session_id, reason)
+            await follow_sessions(
+                viewer,
+                printer,
+                select=app_matcher(None),
+                history=args.history,
+                min_level=level,
+                after_seq=args.since,
+                only=info.session_id,
+            )
+        else:
+            if args.format == "text":
+                log.info("following %s", "every session" if args.all else f"sessions of apps {args.app!r}")
+            await follow_sessions(
+                viewer, printer, select=app_matcher(args.app), history=args.history, min_level=level
+            )
     return 0
 
 
@@ -624,19 +566,40 @@ def build_parser() -> argparse.ArgumentParser:
     sessions = sub.add_parser("sessions", help="list live sessions")
     _client_options(sessions, DEFAULT_VIEWER_PORT, "LOUPELIVE_VIEWER_TOKEN")
     sessions.add_argument("--format", choices=["text", "json"], default="text")
-    sessions.add_argument("--watch", action="store_true", help="keep printing changes to the list")
+    sessions.add_argument(
+        "--watch",
+        action="store_true",
+        help="keep the list live: redrawn in place on a terminal, one line per change otherwise",
+    )
 
     stats = sub.add_parser("stats", help="show a running relay's statistics")
     _client_options(stats, DEFAULT_VIEWER_PORT, "LOUPELIVE_VIEWER_TOKEN")
     stats.add_argument("--format", choices=["text", "json"], default="text")
     stats.add_argument("--detail", action="store_true", help="per session too")
 
-    tail = sub.add_parser("tail", help="print a session's records as they arrive")
-    tail.add_argument("session", metavar="SESSION", help="session id, unambiguous id prefix, or app name")
+    tail = sub.add_parser("tail", help="print the records of one or several sessions as they arrive")
+    tail.add_argument(
+        "session", metavar="SESSION", nargs="?", help="session id, unambiguous id prefix, or app name"
+    )
+    tail.add_argument("--app", metavar="GLOB", help="follow every session whose app matches (now and later)")
+    tail.add_argument("--all", action="store_true", help="follow every session (now and later)")
     _client_options(tail, DEFAULT_VIEWER_PORT, "LOUPELIVE_VIEWER_TOKEN")
     tail.add_argument("--wait", action="store_true", help="wait for the session to appear")
     tail.add_argument("--history", type=int, default=0, metavar="N", help="start with up to N recent records")
-    tail.add_argument("--level", metavar="LEVEL", help="minimum level: debug, info, warning, error, critical")
+    tail.add_argument(
+        "--level",
+        metavar="LEVEL",
+        help="minimum level (pushed to the agent): debug, info, warning, error, critical",
+    )
+    tail.add_argument("--grep", metavar="REGEX", help="only records matching (case-insensitive; client side)")
+    tail.add_argument(
+        "--since", type=int, metavar="SEQ", help="resume: every record after SEQ still held by the agent"
+    )
+    tail.add_argument(
+        "--corrected-time",
+        action="store_true",
+        help="show record times corrected by the relay's estimate of the agent's clock offset",
+    )
     tail.add_argument("--format", choices=["text", "json"], default="text")
 
     pipe = sub.add_parser("pipe", help="publish stdin lines as a session")

@@ -100,6 +100,9 @@ class Connection:
         self.last_received = trio.current_time()
         self.bytes_received = 0
         self.bytes_sent = 0
+        #: Called with each heartbeat that carries clock fields (a probe or
+        #: an answer), from inside :meth:`receive`, as soon as it is decoded.
+        self.on_heartbeat: Callable[[Heartbeat], None] | None = None
 
     @property
     def max_payload(self) -> int:
@@ -235,6 +238,10 @@ class Connection:
             if not isinstance(event, Frame):  # pragma: no cover
                 raise RemoteProtocolError("unexpected second preamble")
             if event.kind is FrameKind.HEARTBEAT:
+                if self.on_heartbeat is not None and len(event.payload) > 2:
+                    heartbeat = decode_message(event)
+                    assert isinstance(heartbeat, Heartbeat)
+                    self.on_heartbeat(heartbeat)
                 continue
             if event.kind is FrameKind.CLOSE:
                 close = decode_message(event)
@@ -288,7 +295,9 @@ class Connection:
 
     async def aclose(self, code: ErrorCode | None = None, reason: str = "") -> None:
         """Close, first telling the peer why (best effort) if ``code`` is given."""
-        if code is not None and self._closed is None and not self._send_lock.locked():
+        if code is not None and self._closed is None:
+            # Waits (briefly) for a send in progress to finish, rather than
+            # leaving the peer without the reason.
             with trio.move_on_after(CLOSE_SEND_TIMEOUT) as scope:
                 scope.shield = True
                 try:

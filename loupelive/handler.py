@@ -84,6 +84,7 @@ class LiveHandler(logging.Handler):
       relay: ``"HOST[:PORT]"`` of the relay's agent port (default
         ``127.0.0.1:29971``).
       app, app_version, tags: how the session is shown to viewers.
+      environment: e.g. ``production`` (default ``$LOUPE_ENVIRONMENT``).
       token: the relay's agent token, if it requires one.
       tls: ``True`` (system trust store, or ``ca_file``) or an ``SSLContext``.
       buffer_records, buffer_bytes: the ring buffer bounds.
@@ -97,6 +98,7 @@ class LiveHandler(logging.Handler):
         *,
         app: str,
         app_version: str = "",
+        environment: str | None = None,
         tags: Mapping[str, object] | None = None,
         session_id: str | None = None,
         token: str | None = None,
@@ -112,6 +114,7 @@ class LiveHandler(logging.Handler):
         self._options: dict[str, Any] = {
             "app": app,
             "app_version": app_version,
+            "environment": environment,
             "tags": dict(tags or {}),
         }
         self._agent_options: dict[str, Any] = {
@@ -265,6 +268,12 @@ class LiveHandler(logging.Handler):
                 thread=record.threadName or "",
                 exception=exception,
                 fields=fields,
+                file=record.pathname or "",
+                line=record.lineno or 0,
+                function=record.funcName or "",
+                module=record.module or "",
+                process=record.process or 0,
+                thread_id=record.thread or 0,
             )
         except Exception:
             self.handleError(record)

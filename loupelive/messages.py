@@ -26,23 +26,32 @@ from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from .wire import Frame, FrameKind, encode_frame
 
 __all__ = [
+    "AGENT_FIELDS",
+    "SESSION_STATUSES",
     "Accept",
     "AddViewer",
     "Close",
+    "Counts",
+    "CountsEntry",
     "GapNotice",
     "GetStats",
     "Goodbye",
     "Heartbeat",
     "Hello",
     "Message",
+    "PauseList",
     "Reject",
     "RemoveViewer",
+    "ReportCounts",
     "RequestSync",
+    "ResumeList",
     "Role",
     "SessionAdded",
     "SessionChanged",
+    "SessionCounts",
     "SessionEnded",
     "SessionInfo",
+    "SnapshotBegin",
     "SnapshotEnd",
     "StartStream",
     "Stats",
@@ -145,31 +154,122 @@ def _tags_converter(value: Mapping[str, object] | None) -> dict[str, str]:
     return {str(k): str(v) for k, v in (value or {}).items()}
 
 
+#: What a session's ``status`` can be.
+SESSION_STATUSES: Final = ("running", "disconnected", "ended", "crashed")
+
+
+def _check_status(_inst: object, _attribute: object, value: str) -> None:
+    if value not in SESSION_STATUSES:
+        raise ValueError(f"status must be one of {', '.join(SESSION_STATUSES)}, not {value!r}")
+
+
+def _optional_float(obj: Mapping[str, Any], key: str) -> float | None:
+    return _get(obj, key, float, None)
+
+
+@attrs.frozen(kw_only=True)
+class Counts:
+    """A session's record counters, as its agent reports them.
+
+    ``records`` counts every record logged (the last seq); ``critical``,
+    ``errors`` and ``warnings`` count records at exactly those levels (a
+    custom level counts with the named level below it); ``last_record_at``
+    is the timestamp of the newest record (0: none yet).
+    """
+
+    records: int = 0
+    critical: int = 0
+    errors: int = 0
+    warnings: int = 0
+    last_record_at: float = 0.0
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> Counts:
+        return cls(
+            records=_get_int(obj, "records", lo=0, hi=_U64, default=0),
+            critical=_get_int(obj, "critical", lo=0, hi=_U64, default=0),
+            errors=_get_int(obj, "errors", lo=0, hi=_U64, default=0),
+            warnings=_get_int(obj, "warnings", lo=0, hi=_U64, default=0),
+            last_record_at=_get(obj, "last_record_at", float, 0.0),
+        )
+
+
+#: The SessionInfo fields an agent registers; the others are the relay's.
+AGENT_FIELDS: Final = (
+    "session_id",
+    "app",
+    "app_version",
+    "environment",
+    "host",
+    "domain",
+    "user",
+    "pid",
+    "os",
+    "runtime",
+    "agent_version",
+    "started_at",
+    "tags",
+)
+
+
 @attrs.frozen(kw_only=True)
 class SessionInfo:
     """Who a session is (sent by the agent) and how it stands (added by the relay).
 
-    The registration fields come from the agent; ``connected_at``, ``viewers``
-    and ``streaming`` are the relay's and are ignored when an agent sends them.
+    The registration fields (:data:`AGENT_FIELDS`) come from the agent; the
+    others are the relay's and are ignored when an agent sends them.
     """
 
     session_id: str = attrs.field(factory=lambda: str(uuid.uuid4()), validator=_check_session_id)
     app: str = attrs.field(default="", validator=_check_info_string)
     app_version: str = attrs.field(default="", validator=_check_info_string)
+    #: e.g. ``production``, ``staging``.
+    environment: str = attrs.field(default="", validator=_check_info_string)
     host: str = attrs.field(default="", validator=_check_info_string)
-    pid: int = 0
+    domain: str = attrs.field(default="", validator=_check_info_string)
     user: str = attrs.field(default="", validator=_check_info_string)
+    pid: int = 0
+    #: Operating system name and version, e.g. ``Linux 6.1.0``.
+    os: str = attrs.field(default="", validator=_check_info_string)
+    #: Language runtime, e.g. ``CPython 3.11.7``.
+    runtime: str = attrs.field(default="", validator=_check_info_string)
+    agent_version: str = attrs.field(default="", validator=_check_info_string)
     started_at: float = 0.0
     tags: dict[str, str] = attrs.field(factory=dict, converter=_tags_converter, validator=_check_tags)
     # -- the relay's --
     connected_at: float = 0.0
     viewers: int = 0
     streaming: bool = False
-    #: ``running``, or ``disconnected`` while the relay waits for the agent.
-    status: str = "running"
+    #: ``running``; ``disconnected`` while the relay waits for the agent to
+    #: come back; ``ended`` (orderly end) or ``crashed`` (the agent's
+    #: connection was lost for good) once over.
+    status: str = attrs.field(default="running", validator=_check_status)
+    records: int = 0
+    critical: int = 0
+    errors: int = 0
+    warnings: int = 0
+    last_record_at: float = 0.0
+    #: The agent's clock minus the relay's, in seconds (None: not measured yet).
+    clock_offset: float | None = None
+    #: Round-trip time between relay and agent, in seconds (None: not measured).
+    rtt: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return attrs.asdict(self)
+
+    def registration(self) -> SessionInfo:
+        """Only the agent's fields (the relay's at their defaults)."""
+        return SessionInfo(**{name: getattr(self, name) for name in AGENT_FIELDS})
+
+    def with_counts(self, counts: Counts) -> SessionInfo:
+        return attrs.evolve(
+            self,
+            records=counts.records,
+            critical=counts.critical,
+            errors=counts.errors,
+            warnings=counts.warnings,
+            last_record_at=counts.last_record_at,
+        )
 
     @classmethod
     def from_json(cls, obj: object) -> SessionInfo:
@@ -183,20 +283,33 @@ class SessionInfo:
         tags = _get(obj, "tags", dict, {})
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
             raise _bad("tags must map strings to strings")
+        counts = Counts.from_json(obj)
         try:
             return cls(
                 session_id=_get(obj, "session_id", str),
                 app=_get(obj, "app", str, ""),
                 app_version=_get(obj, "app_version", str, ""),
+                environment=_get(obj, "environment", str, ""),
                 host=_get(obj, "host", str, ""),
-                pid=_get_int(obj, "pid", lo=0, hi=_U32, default=0),
+                domain=_get(obj, "domain", str, ""),
                 user=_get(obj, "user", str, ""),
+                pid=_get_int(obj, "pid", lo=0, hi=_U32, default=0),
+                os=_get(obj, "os", str, ""),
+                runtime=_get(obj, "runtime", str, ""),
+                agent_version=_get(obj, "agent_version", str, ""),
                 started_at=_get(obj, "started_at", float, 0.0),
                 tags=tags,
                 connected_at=_get(obj, "connected_at", float, 0.0),
                 viewers=_get_int(obj, "viewers", lo=0, hi=_U32, default=0),
                 streaming=_get(obj, "streaming", bool, False),
                 status=_get(obj, "status", str, "running"),
+                records=counts.records,
+                critical=counts.critical,
+                errors=counts.errors,
+                warnings=counts.warnings,
+                last_record_at=counts.last_record_at,
+                clock_offset=_optional_float(obj, "clock_offset"),
+                rtt=_optional_float(obj, "rtt"),
             )
         except ValueError as exc:
             raise _bad(str(exc)) from exc
@@ -345,19 +458,37 @@ class Close(Message):
 
 @attrs.frozen(kw_only=True)
 class Heartbeat(Message):
-    """Either way: "still here"; ``time`` is the sender's clock (epoch seconds)."""
+    """Either way: "still here".
+
+    On an agent's control connection heartbeats also measure the agent's
+    clock: the relay's probe carries ``time`` (the relay's clock, epoch
+    seconds); the agent answers at once with ``echo`` (the probe's ``time``),
+    ``time`` (its own clock when the probe arrived) and ``hold`` (seconds
+    between then and the answer leaving).  Plain heartbeats are ``{}``.
+    """
 
     KIND: ClassVar = FrameKind.HEARTBEAT
     time: float = 0.0
+    echo: float = 0.0
+    hold: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         # Heartbeats are most of an idle session's traffic: send "{}" unless
-        # a time is given.
-        return {"time": self.time} if self.time else {}
+        # this is a clock probe or answer.
+        obj: dict[str, Any] = {}
+        if self.time:
+            obj["time"] = self.time
+        if self.echo:
+            obj["echo"] = self.echo
+            obj["hold"] = self.hold
+        return obj
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> Heartbeat:
-        return cls(time=_get(obj, "time", float, 0.0))
+        hold = _get(obj, "hold", float, 0.0)
+        if not 0.0 <= hold <= 3600.0:
+            raise _bad("hold out of range")
+        return cls(time=_get(obj, "time", float, 0.0), echo=_get(obj, "echo", float, 0.0), hold=hold)
 
 
 @attrs.frozen(kw_only=True)
@@ -481,15 +612,128 @@ class SessionChanged(Message):
 
 @attrs.frozen(kw_only=True)
 class SessionEnded(Message):
-    """Relay → viewer: a session ended (``reason`` is an ErrorCode value)."""
+    """Relay → viewer: a session ended.
+
+    ``reason`` is an ErrorCode value (``session_ended``, ``agent_lost``, …);
+    ``status`` is ``ended`` (orderly) or ``crashed`` (the agent's connection
+    was lost and did not come back); ``session`` is its final information.
+    """
 
     KIND: ClassVar = FrameKind.SESSION_ENDED
     session_id: str
     reason: str = ""
+    status: str = "ended"
+    session: SessionInfo | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        obj: dict[str, Any] = {"session_id": self.session_id, "reason": self.reason, "status": self.status}
+        if self.session is not None:
+            obj["session"] = self.session.to_json()
+        return obj
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> SessionEnded:
-        return cls(session_id=_get(obj, "session_id", str), reason=_get(obj, "reason", str, ""))
+        session = obj.get("session")
+        status = _get(obj, "status", str, "ended")
+        if status not in ("ended", "crashed"):
+            raise _bad(f"unknown end status {status!r}")
+        return cls(
+            session_id=_get(obj, "session_id", str),
+            reason=_get(obj, "reason", str, ""),
+            status=status,
+            session=SessionInfo.from_json(session) if session is not None else None,
+        )
+
+
+@attrs.frozen(kw_only=True)
+class ReportCounts(Message):
+    """Agent → relay: the session's record counters (see :class:`Counts`)."""
+
+    KIND: ClassVar = FrameKind.COUNTS
+    counts: Counts
+
+    def to_json(self) -> dict[str, Any]:
+        return attrs.asdict(self.counts)
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> ReportCounts:
+        return cls(counts=Counts.from_json(obj))
+
+
+@attrs.frozen(kw_only=True)
+class CountsEntry:
+    """One session's line in SESSION_COUNTS."""
+
+    session_id: str
+    counts: Counts
+    clock_offset: float | None = None
+    rtt: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        obj: dict[str, Any] = {"session_id": self.session_id, **attrs.asdict(self.counts)}
+        obj["clock_offset"] = self.clock_offset
+        obj["rtt"] = self.rtt
+        return obj
+
+    @classmethod
+    def from_json(cls, obj: object) -> CountsEntry:
+        if not isinstance(obj, dict):
+            raise _bad("counts entries must be objects")
+        return cls(
+            session_id=_get(obj, "session_id", str),
+            counts=Counts.from_json(obj),
+            clock_offset=_optional_float(obj, "clock_offset"),
+            rtt=_optional_float(obj, "rtt"),
+        )
+
+
+@attrs.frozen(kw_only=True)
+class SessionCounts(Message):
+    """Relay → viewer: live counters and clock estimates of sessions that changed."""
+
+    KIND: ClassVar = FrameKind.SESSION_COUNTS
+    counts: tuple[CountsEntry, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"counts": [entry.to_json() for entry in self.counts]}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> SessionCounts:
+        entries = _get(obj, "counts", list)
+        return cls(counts=tuple(CountsEntry.from_json(entry) for entry in entries))
+
+
+@attrs.frozen(kw_only=True)
+class PauseList(Message):
+    """Viewer → relay: stop sending session-list updates until RESUME_LIST."""
+
+    KIND: ClassVar = FrameKind.PAUSE_LIST
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> PauseList:
+        return cls()
+
+
+@attrs.frozen(kw_only=True)
+class ResumeList(Message):
+    """Viewer → relay: send a fresh snapshot, then updates again."""
+
+    KIND: ClassVar = FrameKind.RESUME_LIST
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> ResumeList:
+        return cls()
+
+
+@attrs.frozen(kw_only=True)
+class SnapshotBegin(Message):
+    """Relay → viewer: a fresh snapshot follows; forget the list held so far."""
+
+    KIND: ClassVar = FrameKind.SNAPSHOT_BEGIN
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> SnapshotBegin:
+        return cls()
 
 
 @attrs.frozen(kw_only=True)
@@ -592,6 +836,11 @@ _CLASSES: Final[dict[FrameKind, type[Message]]] = {
         SnapshotEnd,
         GetStats,
         Stats,
+        ReportCounts,
+        SessionCounts,
+        PauseList,
+        ResumeList,
+        SnapshotBegin,
         GapNotice,
         StreamEnd,
     )

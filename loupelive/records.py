@@ -20,10 +20,14 @@ Record encoding (all integers are unsigned LEB128 varints unless noted)::
 
     record   := seq_delta  ts_delta  level:u8  flags:u8  logger  thread  message
                 [exception]  [nfields  (key value)*nfields]
+                [file  function  module  line]  [process  thread_id]
     seq_delta := seq - previous seq (the first record of a batch: seq - (first_seq - 1)); >= 1
     ts_delta  := zigzag(timestamp_us - previous timestamp_us), previous = 0 at a sync point
-    flags     := bit 0: has exception; bit 1: has fields
-    logger, thread, key, value := strref
+    flags     := bit 0: has exception; bit 1: has fields; bit 2: has a source
+                 location; bit 3: process/thread ids follow (they differ from
+                 the previous record's; both are 0 at a sync point)
+    logger, thread, key, value, file, function, module := strref
+    line, process, thread_id := varint
     message, exception := text
     text     := len  utf8-bytes
     strref   := 0 text   (a new string, appended to the table)
@@ -125,6 +129,9 @@ def _to_level(value: int) -> Level:
     return Level.from_number(value)
 
 
+_U32: Final = 2**32 - 1
+_U64: Final = 2**64 - 1
+
 #: Timestamps beyond this many seconds from the epoch (about year 33,000) are
 #: refused: the wire's varints must stay within 64 bits.
 MAX_TIMESTAMP: Final = 1e12
@@ -156,6 +163,24 @@ class Record:
     thread: str = ""
     exception: str | None = None
     fields: dict[str, str] = attrs.field(factory=dict, converter=_fields_converter)
+    #: Source location, when the application has it ("" / 0 when not).
+    file: str = ""
+    line: int = attrs.field(
+        default=0, validator=attrs.validators.and_(attrs.validators.ge(0), attrs.validators.le(_U32))
+    )
+    function: str = ""
+    module: str = ""
+    #: The OS process and thread ids that logged it (0 when unknown).
+    process: int = attrs.field(
+        default=0, validator=attrs.validators.and_(attrs.validators.ge(0), attrs.validators.le(_U64))
+    )
+    thread_id: int = attrs.field(
+        default=0, validator=attrs.validators.and_(attrs.validators.ge(0), attrs.validators.le(_U64))
+    )
+
+    @property
+    def has_source(self) -> bool:
+        return bool(self.file or self.function or self.module or self.line)
 
     @classmethod
     def _build(
@@ -168,6 +193,12 @@ class Record:
         thread: str,
         exception: str | None,
         fields: Mapping[str, object] | None,
+        file: str = "",
+        line: int = 0,
+        function: str = "",
+        module: str = "",
+        process: int = 0,
+        thread_id: int = 0,
     ) -> Record:
         """The same as the constructor, faster: for the agent's hot path.
 
@@ -188,6 +219,12 @@ class Record:
         setattr_(record, "thread", thread)
         setattr_(record, "exception", exception)
         setattr_(record, "fields", _fields_converter(fields) if fields else {})
+        setattr_(record, "file", file)
+        setattr_(record, "line", line if type(line) is int and 0 <= line <= _U32 else 0)
+        setattr_(record, "function", function)
+        setattr_(record, "module", module)
+        setattr_(record, "process", process if type(process) is int and 0 <= process <= _U64 else 0)
+        setattr_(record, "thread_id", thread_id if type(thread_id) is int and 0 <= thread_id <= _U64 else 0)
         return record
 
     def to_json(self) -> dict[str, object]:
@@ -201,6 +238,12 @@ class Record:
             "message": self.message,
             "exception": self.exception,
             "fields": dict(self.fields),
+            "file": self.file,
+            "line": self.line,
+            "function": self.function,
+            "module": self.module,
+            "process": self.process,
+            "thread_id": self.thread_id,
         }
 
 
@@ -414,6 +457,9 @@ def clip_record(record: Record) -> Record:
         and len(record.logger) <= MAX_NAME // 4
         and len(record.thread) <= MAX_NAME // 4
         and (record.exception is None or len(record.exception) <= MAX_TEXT // 4)
+        and len(record.file) <= MAX_NAME // 4
+        and len(record.function) <= MAX_NAME // 4
+        and len(record.module) <= MAX_NAME // 4
     ):
         return record
     fits = (
@@ -421,6 +467,9 @@ def clip_record(record: Record) -> Record:
         and (record.exception is None or text_size(record.exception) <= MAX_TEXT)
         and text_size(record.logger) <= MAX_NAME
         and text_size(record.thread) <= MAX_NAME
+        and text_size(record.file) <= MAX_NAME
+        and text_size(record.function) <= MAX_NAME
+        and text_size(record.module) <= MAX_NAME
         and len(fields) <= MAX_FIELDS
         and all(text_size(k) <= MAX_NAME and text_size(v) <= MAX_FIELD_VALUE for k, v in fields.items())
     )
@@ -440,6 +489,9 @@ def clip_record(record: Record) -> Record:
         exception=None if record.exception is None else clip_text(record.exception, MAX_TEXT),
         logger=clip_text(record.logger, MAX_NAME),
         thread=clip_text(record.thread, MAX_NAME),
+        file=clip_text(record.file, MAX_NAME),
+        function=clip_text(record.function, MAX_NAME),
+        module=clip_text(record.module, MAX_NAME),
         fields=clipped,
     )
 
@@ -454,6 +506,7 @@ class RecordEncoder:
         """Start a new context: empty string table, timestamps from zero."""
         self._table: dict[str, int] = {}
         self._prev_ts = 0
+        self._ids = (0, 0)
 
     def _strref(self, out: bytearray, text: str) -> None:
         index = self._table.get(text)
@@ -490,6 +543,12 @@ class RecordEncoder:
             self._prev_ts = ts
             out.append(int(record.level) & 0xFF)
             flags = (1 if record.exception is not None else 0) | (2 if record.fields else 0)
+            has_source = record.file or record.function or record.module or record.line
+            if has_source:
+                flags |= 4
+            ids = (record.process, record.thread_id)
+            if ids != self._ids:
+                flags |= 8
             out.append(flags)
             self._strref(out, record.logger)
             self._strref(out, record.thread)
@@ -501,6 +560,15 @@ class RecordEncoder:
                 for key, value in record.fields.items():
                     self._strref(out, key)
                     self._strref(out, value)
+            if has_source:
+                self._strref(out, record.file)
+                self._strref(out, record.function)
+                self._strref(out, record.module)
+                _put_varint(out, record.line)
+            if flags & 8:
+                _put_varint(out, ids[0])
+                _put_varint(out, ids[1])
+                self._ids = ids
         return bytes(out)
 
 
@@ -513,6 +581,7 @@ class RecordDecoder:
     def reset(self) -> None:
         self._table: list[str] = []
         self._prev_ts = 0
+        self._ids = (0, 0)
 
     def decode(self, data: bytes, header: BatchHeader) -> list[Record]:
         """Decode exactly ``header.count`` records that fill ``data``.
@@ -581,7 +650,7 @@ class RecordDecoder:
             level = view[pos]
             flags = view[pos + 1]
             pos += 2
-            if flags & ~3:
+            if flags & ~15:
                 raise StreamDecodeError(f"unknown record flags 0x{flags:02x}")
             logger = strref()
             thread = strref()
@@ -595,6 +664,17 @@ class RecordDecoder:
                 for _ in range(nfields):
                     key = strref()
                     fields[key] = strref()
+            file = function = module = ""
+            line = 0
+            if flags & 4:
+                file = strref()
+                function = strref()
+                module = strref()
+                line = varint()
+                if line > _U32:
+                    raise StreamDecodeError("line number out of range")
+            if flags & 8:
+                self._ids = (varint(), varint())
             records.append(
                 Record(
                     seq=seq,
@@ -605,6 +685,12 @@ class RecordDecoder:
                     message=message,
                     exception=exception,
                     fields=fields,
+                    file=file,
+                    line=line,
+                    function=function,
+                    module=module,
+                    process=self._ids[0],
+                    thread_id=self._ids[1],
                 )
             )
         if pos != end:

@@ -46,7 +46,7 @@ import os
 import secrets
 import ssl
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Final, Literal
 
 import attrs
@@ -64,19 +64,27 @@ from .messages import (
     VIEWER_ROLES,
     Accept,
     AddViewer,
+    Counts,
+    CountsEntry,
     GapNotice,
     GetStats,
     Goodbye,
+    Heartbeat,
     Hello,
     Message,
+    PauseList,
     Reject,
     RemoveViewer,
+    ReportCounts,
     RequestSync,
+    ResumeList,
     Role,
     SessionAdded,
     SessionChanged,
+    SessionCounts,
     SessionEnded,
     SessionInfo,
+    SnapshotBegin,
     SnapshotEnd,
     StartStream,
     Stats,
@@ -110,6 +118,27 @@ WRITE_COALESCE: Final = 256 * 1024
 #: At most one REQUEST_SYNC per session per this many seconds: a burst of
 #: viewers joining or skipping needs only one sync point.
 SYNC_REQUEST_INTERVAL: Final = 0.05
+
+#: Record counters and clock estimates reach viewers' session lists at most
+#: this often (seconds), one SESSION_COUNTS frame for every session that
+#: changed: 10,000 busy sessions cost a viewer one update a second each, in
+#: frames of up to COUNTS_PER_FRAME entries, not a flood of SESSION_CHANGED.
+LIST_UPDATE_INTERVAL: Final = 1.0
+#: Entries per SESSION_COUNTS frame (~150 bytes each: well inside a control frame).
+COUNTS_PER_FRAME: Final = 512
+
+#: Clock probes to an agent: a first series of CLOCK_PROBES_FIRST, this far
+#: apart (seconds), for a quick estimate …
+CLOCK_PROBES_FIRST: Final = 4
+CLOCK_PROBE_SPACING: Final = 0.5
+#: … then one every CLOCK_PROBE_INTERVAL seconds: clocks drift slowly, and an
+#: idle session should cost little more than its heartbeats.
+CLOCK_PROBE_INTERVAL: Final = 300.0
+#: Samples kept per session; the estimate is the one with the smallest RTT
+#: (NTP's clock filter: queueing delay only ever adds to a sample's error).
+CLOCK_SAMPLES: Final = 8
+#: Answers with a round trip longer than this (seconds) are not believed.
+MAX_PROBE_RTT: Final = 30.0
 
 #: Bytes of per-session detail in one STATS frame (the control frame limit is 256 KiB).
 STATS_DETAIL_BUDGET: Final = 200 * 1024
@@ -279,6 +308,12 @@ class Session:
     last_sync_request: float = -math.inf
     sync_request_pending: bool = False
     slow_disconnects: int = 0
+    #: Clock probes sent to the current agent connection (their times) …
+    probes: collections.deque[float] = attrs.Factory(lambda: collections.deque(maxlen=CLOCK_PROBES_FIRST))
+    #: … and the (rtt, offset) samples their answers gave.
+    clock_samples: collections.deque[tuple[float, float]] = attrs.Factory(
+        lambda: collections.deque(maxlen=CLOCK_SAMPLES)
+    )
 
     def __attrs_post_init__(self) -> None:
         self.hub = Hub(request_sync=self.request_sync, name=f"session {self.info.session_id}")
@@ -291,7 +326,21 @@ class Session:
     def attach(self, conn: Connection, info: SessionInfo) -> None:
         """Make ``conn`` this session's control connection (first or again)."""
         self.control = conn
-        self.info = attrs.evolve(info, connected_at=time.time(), viewers=0, streaming=False)
+        # The agent's registration, with the relay's fields kept: the counters
+        # carry on over a reconnect; the clock is measured again (the path
+        # may have changed).
+        old = self.info
+        self.info = attrs.evolve(
+            info.registration(),
+            connected_at=time.time(),
+            records=old.records,
+            critical=old.critical,
+            errors=old.errors,
+            warnings=old.warnings,
+            last_record_at=old.last_record_at,
+        )
+        self.probes.clear()
+        self.clock_samples.clear()
         self.attachments += 1
         self.disconnected_at = 0.0
         self.detached = trio.Event()
@@ -322,7 +371,51 @@ class Session:
 
     @property
     def status(self) -> str:
-        return "running" if self.control is not None else "disconnected"
+        # After a GOODBYE the agent's connection is going, but nothing is
+        # wrong: the session is ending, not disconnected.
+        return "running" if self.control is not None or self.closing else "disconnected"
+
+    def set_counts(self, report: ReportCounts) -> None:
+        """The agent reported its counters."""
+        self.info = self.info.with_counts(report.counts)
+        self.relay._counts_changed(self)
+
+    def clock_answer(self, heartbeat: Heartbeat) -> None:
+        """An agent answered a clock probe: take a sample, update the estimate.
+
+        With the probe sent at ``t0`` (relay clock), received at ``t1`` and
+        answered at ``t1 + hold`` (agent clock), and the answer received at
+        ``t3``: ``rtt = t3 - t0 - hold`` and
+        ``offset = ((t1 - t0) + (t1 + hold - t3)) / 2``, exact when both
+        directions take as long.
+        """
+        received = time.time()
+        if heartbeat.echo not in self.probes:
+            return  # not a probe of ours (or a very late answer)
+        self.probes.remove(heartbeat.echo)
+        rtt = received - heartbeat.echo - heartbeat.hold
+        if not 0.0 <= rtt <= MAX_PROBE_RTT:
+            return
+        offset = ((heartbeat.time - heartbeat.echo) + (heartbeat.time + heartbeat.hold - received)) / 2
+        self.clock_samples.append((rtt, offset))
+        best_rtt, best_offset = min(self.clock_samples)
+        self.info = attrs.evolve(self.info, clock_offset=best_offset, rtt=best_rtt)
+        self.relay._counts_changed(self)
+
+    def counts_entry(self) -> CountsEntry:
+        info = self.info
+        return CountsEntry(
+            session_id=info.session_id,
+            counts=Counts(
+                records=info.records,
+                critical=info.critical,
+                errors=info.errors,
+                warnings=info.warnings,
+                last_record_at=info.last_record_at,
+            ),
+            clock_offset=info.clock_offset,
+            rtt=info.rtt,
+        )
 
     def command(self, message: Message) -> None:
         """Queue a command for the agent; drops the agent if it is not reading."""
@@ -457,6 +550,11 @@ class _ListListener:
     limit: int
     queued: int = 0
     overflowed: bool = False
+    #: The viewer asked for no updates (PAUSE_LIST) until RESUME_LIST.
+    paused: bool = False
+    #: A counts update was skipped because the viewer was behind: it gets
+    #: every session's counters once it has caught up.
+    counts_stale: bool = False
 
     def put(self, frame: bytes, *, force: bool = False) -> None:
         if self.overflowed:
@@ -487,6 +585,8 @@ class Relay:
         self.viewer_port = 0
         self.sessions: dict[str, Session] = {}
         self._listeners: set[_ListListener] = set()
+        #: Sessions whose counters or clock changed since the last list update.
+        self._dirty: dict[str, Session] = {}
         self._viewer_ids = itertools.count(1)
         self._started = time.monotonic()
         self._nursery: trio.Nursery | None = None
@@ -616,11 +716,60 @@ class Relay:
     def _broadcast(self, message: Message) -> None:
         frame = encode_message(message)
         for listener in self._listeners:
-            listener.put(frame)
+            if not listener.paused:
+                listener.put(frame)
 
     def _changed(self, session: Session) -> None:
         if not session.ended and session.session_id in self.sessions:
             self._broadcast(SessionChanged(session=session.public_info()))
+            # The full information carries the counters too.
+            self._dirty.pop(session.session_id, None)
+
+    def _counts_changed(self, session: Session) -> None:
+        """Counters or clock changed: in the next list update (see LIST_UPDATE_INTERVAL)."""
+        if not session.ended:
+            self._dirty[session.session_id] = session
+
+    @staticmethod
+    def _counts_frames(sessions: Iterable[Session]) -> bytes:
+        entries = [session.counts_entry() for session in sessions]
+        return b"".join(
+            encode_message(SessionCounts(counts=tuple(entries[i : i + COUNTS_PER_FRAME])))
+            for i in range(0, len(entries), COUNTS_PER_FRAME)
+        )
+
+    def flush_counts(self) -> None:
+        """Send the counters of the sessions that changed to every viewer's list.
+
+        A viewer still behind on its list (frames queued) skips the update and
+        gets every session's counters once caught up: counters are state, so
+        only the newest matter.  Paused viewers get a fresh snapshot on resume.
+        """
+        dirty = [s for s in self._dirty.values() if not s.ended and s.session_id in self.sessions]
+        self._dirty.clear()
+        if not self._listeners:
+            return
+        frames = self._counts_frames(dirty) if dirty else b""
+        full: bytes | None = None
+        for listener in self._listeners:
+            if listener.paused:
+                continue
+            if listener.queued > 0:
+                listener.counts_stale = True
+                continue
+            if listener.counts_stale:
+                if full is None:
+                    full = self._counts_frames(self.sessions.values())
+                listener.counts_stale = False
+                if full:
+                    listener.put(full)
+            elif frames:
+                listener.put(frames)
+
+    async def _serve_list_updates(self) -> None:
+        while True:
+            await trio.sleep(LIST_UPDATE_INTERVAL)
+            self.flush_counts()
 
     # -- connections ---------------------------------------------------------------
 
@@ -985,8 +1134,13 @@ class Relay:
                 nursery.start_soon(self._heartbeats, conn)
                 nursery.start_soon(self._drain_outbox, conn, outbox)
                 nursery.start_soon(self._wait_detached, detached, nursery.cancel_scope)
+                nursery.start_soon(self._probe_clock, conn, session)
+                conn.on_heartbeat = session.clock_answer
                 while True:
                     message = await conn.receive_message()
+                    if isinstance(message, ReportCounts):
+                        session.set_counts(message)
+                        continue
                     if isinstance(message, Goodbye):
                         session.closing = True
                         nursery.cancel_scope.cancel()
@@ -996,6 +1150,15 @@ class Relay:
                         code=ErrorCode.UNEXPECTED_MESSAGE,
                     )
         return None  # taken over: _wait_detached cancelled the nursery
+
+    @staticmethod
+    async def _probe_clock(conn: Connection, session: Session) -> None:
+        """Send clock probes (heartbeats with our time); answers come to clock_answer."""
+        for sent in itertools.count(1):
+            now = time.time()
+            session.probes.append(now)
+            await conn.send(Heartbeat(time=now))
+            await trio.sleep(CLOCK_PROBE_SPACING if sent < CLOCK_PROBES_FIRST else CLOCK_PROBE_INTERVAL)
 
     @staticmethod
     async def _wait_detached(detached: trio.Event, scope: trio.CancelScope) -> None:
@@ -1018,8 +1181,17 @@ class Relay:
             self._closed_hub_totals[key] += getattr(session.hub, key)
         for gap_reason, count in session.hub.gaps_by_reason.items():
             self._closed_gaps[gap_reason] = self._closed_gaps.get(gap_reason, 0) + count
-        self._broadcast(SessionEnded(session_id=session.session_id, reason=code.value))
-        log.info("session %s ended: %s", session.session_id, reason)
+        # An orderly end (GOODBYE) is "ended"; a connection lost for good is
+        # "crashed".
+        status = "ended" if code is ErrorCode.SESSION_ENDED else "crashed"
+        session.info = attrs.evolve(session.public_info(), status=status, viewers=0, streaming=False)
+        self._dirty.pop(session.session_id, None)
+        self._broadcast(
+            SessionEnded(
+                session_id=session.session_id, reason=code.value, status=status, session=session.info
+            )
+        )
+        log.info("session %s %s: %s", session.session_id, status, reason)
 
     @staticmethod
     async def _drain_outbox(conn: Connection, outbox: trio.MemoryReceiveChannel[Message]) -> None:
@@ -1112,6 +1284,21 @@ class Relay:
                         listener.put(
                             encode_message(Stats(stats=self._stats_for_wire(message.detail))), force=True
                         )
+                        continue
+                    if isinstance(message, PauseList):
+                        listener.paused = True
+                        continue
+                    if isinstance(message, ResumeList):
+                        # A fresh snapshot, then updates again (bounded by the
+                        # number of sessions, like the first one).
+                        listener.paused = False
+                        listener.counts_stale = False
+                        listener.put(encode_message(SnapshotBegin()), force=True)
+                        for session in self.sessions.values():
+                            listener.put(
+                                encode_message(SessionAdded(session=session.public_info())), force=True
+                            )
+                        listener.put(encode_message(SnapshotEnd(count=len(self.sessions))), force=True)
                         continue
                     raise RemoteProtocolError(
                         f"unexpected {type(message).__name__} from a viewer",
@@ -1358,4 +1545,5 @@ async def serve_relay(
                             )
 
             nursery.start_soon(listen)
+            nursery.start_soon(relay._serve_list_updates)
             task_status.started(relay)

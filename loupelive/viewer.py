@@ -27,6 +27,7 @@ import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 
+import attrs
 import trio
 import trio_util
 
@@ -49,11 +50,15 @@ from .messages import (
     GapNotice,
     GetStats,
     Hello,
+    PauseList,
+    ResumeList,
     Role,
     SessionAdded,
     SessionChanged,
+    SessionCounts,
     SessionEnded,
     SessionInfo,
+    SnapshotBegin,
     SnapshotEnd,
     Stats,
     StreamEnd,
@@ -64,7 +69,10 @@ from .wire import MAX_DATA_PAYLOAD, FrameKind
 
 __all__ = ["SessionEvent", "SessionEvents", "Stream", "Viewer", "open_viewer"]
 
-SessionEvent = SessionAdded | SessionChanged | SessionEnded
+#: What :meth:`Viewer.session_events` yields.  SESSION_COUNTS (live record
+#: counters and clock estimates, at most once a second per session) comes as
+#: one event per frame; :meth:`Viewer.sessions` already reflects it.
+SessionEvent = SessionAdded | SessionChanged | SessionEnded | SessionCounts
 
 #: Session events buffered per ``session_events()`` iterator.  A consumer that
 #: falls this far behind gets an error and should re-read ``sessions()``.
@@ -346,12 +354,19 @@ class Viewer:
         self._closed: ConnectionClosed | None = None
         self._control: Connection | None = None
         self._stats_waiters: list[trio.MemorySendChannel[dict[str, Any]]] = []
+        self._list_paused = False
+        # A fresh snapshot being received (after RESUME_LIST), or None.
+        self._new_snapshot: dict[str, SessionInfo] | None = None
         #: True while the control connection is up (it reconnects by itself).
         self.connected = trio_util.AsyncBool(True)
 
     def sessions(self) -> list[SessionInfo]:
         """The live sessions, as of the last update received."""
         return list(self._sessions.values())
+
+    def session(self, session_id: str) -> SessionInfo | None:
+        """One live session's latest information, or None."""
+        return self._sessions.get(session_id)
 
     def _hello(self, role: Role, **kwargs: object) -> Hello:
         return Hello(role=role, token=self._token, client=f"loupelive-viewer/{__version__}", **kwargs)  # type: ignore[arg-type]
@@ -426,7 +441,10 @@ class Viewer:
                 self._control = conn
                 self.connected.value = True
                 log.info("reconnected to the relay %s:%d", self.host, self.port)
+                self._new_snapshot = None
                 self._resync(snapshot)
+                if self._list_paused:
+                    await conn.send(PauseList())
         except AuthenticationError as exc:
             self._closed = exc
             raise
@@ -456,6 +474,13 @@ class Viewer:
             self._sessions[message.session.session_id] = message.session
         elif isinstance(message, SessionEnded):
             self._sessions.pop(message.session_id, None)
+        elif isinstance(message, SessionCounts):
+            for entry in message.counts:
+                info = self._sessions.get(entry.session_id)
+                if info is not None:
+                    self._sessions[entry.session_id] = attrs.evolve(
+                        info.with_counts(entry.counts), clock_offset=entry.clock_offset, rtt=entry.rtt
+                    )
         else:
             raise RemoteProtocolError(
                 f"unexpected {type(message).__name__} on the viewer control connection",
@@ -471,8 +496,41 @@ class Viewer:
                 if self._stats_waiters:
                     self._stats_waiters.pop(0).send_nowait(message.stats)
                 continue
+            if isinstance(message, SnapshotBegin):
+                self._new_snapshot = {}
+                continue
+            if self._new_snapshot is not None:
+                # A fresh snapshot after RESUME_LIST: applied as a whole, as
+                # the differences from what we held.
+                if isinstance(message, SessionAdded):
+                    self._new_snapshot[message.session.session_id] = message.session
+                elif isinstance(message, SnapshotEnd):
+                    snapshot, self._new_snapshot = self._new_snapshot, None
+                    self._resync(snapshot)
+                else:
+                    raise RemoteProtocolError(
+                        f"unexpected {type(message).__name__} in a session snapshot",
+                        code=ErrorCode.UNEXPECTED_MESSAGE,
+                    )
+                continue
             self._apply(message)
             self._dispatch(message)
+
+    async def pause_list(self) -> None:
+        """Ask the relay to stop sending session-list updates (e.g. on a slow link).
+
+        :meth:`sessions` stays as it was until :meth:`resume_list`; the pause
+        survives reconnects.
+        """
+        self._list_paused = True
+        if self._control is not None:
+            await self._control.send(PauseList())
+
+    async def resume_list(self) -> None:
+        """Updates again: the relay sends a fresh snapshot, applied as events."""
+        self._list_paused = False
+        if self._control is not None:
+            await self._control.send(ResumeList())
 
     async def statistics(self, *, detail: bool = False) -> dict[str, Any]:
         """The relay's statistics (``Relay.statistics()`` as JSON), asked over the wire.

@@ -108,6 +108,8 @@ class FrameKind(enum.IntEnum):
     CLOSE = 4
     # -- every connection ------------------------------------------------------
     #: Either way: liveness, sent when nothing else was sent for a while.
+    #: On agent control connections it also carries the relay's clock probes
+    #: (``time``) and the agent's answers (``time``, ``echo``, ``hold``).
     HEARTBEAT = 5
     # -- agent control ---------------------------------------------------------
     #: Relay → agent: open a data connection for stream number ``stream``.
@@ -122,6 +124,10 @@ class FrameKind(enum.IntEnum):
     REQUEST_SYNC = 14
     #: Agent → relay: the session ends normally (after its data is flushed).
     GOODBYE = 15
+    #: Agent → relay: the session's record counters (``records``, ``critical``,
+    #: ``errors``, ``warnings``, ``last_record_at``), at most once a second and
+    #: only when they changed.
+    COUNTS = 16
     # -- viewer control --------------------------------------------------------
     #: Relay → viewer: a session is live (sent for each session at connect, then
     #: for each new one), with the full SessionInfo.
@@ -136,6 +142,17 @@ class FrameKind(enum.IntEnum):
     GET_STATS = 24
     #: Relay → viewer: the statistics (``stats``: an object, see RelayStatistics).
     STATS = 25
+    #: Relay → viewer: live counters and clock estimates of sessions that
+    #: changed (``counts``: a list), at most once a second.
+    SESSION_COUNTS = 26
+    #: Viewer → relay: stop sending session-list updates.
+    PAUSE_LIST = 27
+    #: Viewer → relay: send a fresh snapshot (SNAPSHOT_BEGIN, SESSION_ADDED…,
+    #: SNAPSHOT_END), then updates again.
+    RESUME_LIST = 28
+    #: Relay → viewer: a fresh snapshot follows (after RESUME_LIST): forget the
+    #: list held so far.
+    SNAPSHOT_BEGIN = 29
     # -- data connections ------------------------------------------------------
     #: Agent → relay → viewer: one compressed batch of records.  Binary payload:
     #: a 29-byte header then brotli bytes (see ``loupelive.records``).

@@ -117,6 +117,7 @@ async def test_pipe_lines_reach_a_waiting_tail_complete_and_in_order(tmp_path: P
                 "type": "session_ended",
                 "session_id": session_id,
                 "reason": "session_ended",
+                "status": "ended",
             }
             assert tail.stderr.text == "", tail.describe()
             assert_no_traceback(pipe.stderr.text)
@@ -241,17 +242,30 @@ async def test_sessions_lists_a_live_session_as_json_and_as_a_table(tmp_path: Pa
                     "SESSION",
                     "APP",
                     "VERSION",
+                    "ENV",
                     "HOST",
                     "PID",
                     "USER",
                     "STARTED",
+                    "STATUS",
+                    "RECORDS",
+                    "ERRORS",
+                    "WARNINGS",
+                    "REC/S",
                     "VIEWERS",
                     "STREAMING",
                 ]
                 assert len(rows) == 1, table.stdout
                 cells = rows[0].split()
-                assert cells[:5] == [session_id, "inventory", "2.5.1", socket.gethostname(), str(pipe.pid)]
-                assert cells[-2:] == ["0", "no"]
+                assert cells[:6] == [
+                    session_id,
+                    "inventory",
+                    "2.5.1",
+                    "-",
+                    socket.gethostname(),
+                    str(pipe.pid),
+                ]
+                assert cells[-7:] == ["running", "0", "0", "0", "-", "0", "no"]
                 assert not has_ansi(table.stdout)
 
                 await pipe.close_stdin()
@@ -277,8 +291,13 @@ async def test_sessions_watch_reports_a_session_coming_and_going(tmp_path: Path)
             assert events[0]["type"] == "added"
             assert events[0]["session"]["session_id"] == session_id
             assert events[0]["session"]["app"] == "watched"
-            assert events[-1] == {"type": "ended", "session_id": session_id, "reason": "session_ended"}
-            assert {e["type"] for e in events[1:-1]} <= {"changed"}
+            assert events[-1] == {
+                "type": "ended",
+                "session_id": session_id,
+                "reason": "session_ended",
+                "status": "ended",
+            }
+            assert {e["type"] for e in events[1:-1]} <= {"changed", "counts"}
 
 
 # -- 4. tail text format ------------------------------------------------------------------
@@ -638,9 +657,24 @@ async def test_tail_ends_with_agent_lost_when_the_agent_dies(tmp_path: Path) -> 
                     await pipe.wait()
                 assert await tail.wait() == 0, tail.describe()
             objects = json_lines(tail.stdout.lines)
-            assert [o["type"] for o in objects] == ["record", "session_ended"], tail.describe()
+            # A killed agent: first "disconnected" (the relay waits its grace
+            # period for it), then the end, as "crashed".
+            assert [o["type"] for o in objects] == ["record", "session_status", "session_ended"], (
+                tail.describe()
+            )
             assert objects[0]["message"] == "last words"
-            assert objects[1] == {"type": "session_ended", "session_id": session_id, "reason": "agent_lost"}
+            assert objects[1] == {
+                "type": "session_status",
+                "session_id": session_id,
+                "status": "disconnected",
+                "was": "running",
+            }
+            assert objects[2] == {
+                "type": "session_ended",
+                "session_id": session_id,
+                "reason": "agent_lost",
+                "status": "crashed",
+            }
             assert tail.stderr.text == "", tail.describe()
             assert_no_traceback(relay.child.stderr.text)
 

@@ -157,6 +157,12 @@ def test_record_normalises_its_fields() -> None:
         "message": "",
         "exception": None,
         "fields": {"n": "1", "ok": "True"},
+        "file": "",
+        "line": 0,
+        "function": "",
+        "module": "",
+        "process": 0,
+        "thread_id": 0,
     }
 
 
@@ -653,7 +659,15 @@ BAD_RECORDS = [
     pytest.param(TABLE_OVERFLOW, 1, 1, "table overflow", id="string-table-overflow"),
     pytest.param(raw_record(seq_delta=0), 1, 1, "must increase", id="seq-delta-zero"),
     pytest.param(raw_record(seq_delta=2), 1, 1, "beyond the batch range", id="seq-beyond-range"),
-    pytest.param(raw_record(flags=4), 1, 1, "unknown record flags", id="unknown-record-flag"),
+    pytest.param(raw_record(flags=16), 1, 1, "unknown record flags", id="unknown-record-flag"),
+    pytest.param(raw_record(flags=4), 1, 1, "ends inside a number", id="source-flag-without-source"),
+    pytest.param(
+        raw_record(flags=4) + b"\x01\x00\x01\x00\x01\x00\x80",
+        1,
+        1,
+        "ends inside a number",
+        id="truncated-line-number",
+    ),
     pytest.param(raw_record(body=b"\x01\x00\x01\x00\x02\xc3\x28"), 1, 1, "UTF-8", id="invalid-utf8"),
     pytest.param(raw_record(body=b"\x01\x02\xff\xfe\x01\x00\x00"), 1, 1, "UTF-8", id="invalid-utf8-logger"),
     pytest.param(b"\x80" * 10 + b"\x01" + MINIMAL[1:], 1, 1, "number too long", id="varint-too-long"),
@@ -722,7 +736,7 @@ short_names = st.sampled_from(["", "app", "app.db", "MainThread", "ワーカー"
 
 records_strategy = st.lists(
     st.builds(
-        lambda gap, micros, level, logger, thread, message, exception, fields: (
+        lambda gap, micros, level, logger, thread, message, exception, fields, source, ids: (
             gap,
             dict(
                 timestamp=micros / 1_000_000,
@@ -732,6 +746,12 @@ records_strategy = st.lists(
                 message=message,
                 exception=exception,
                 fields=fields,
+                file=source[0],
+                function=source[1],
+                module=source[2],
+                line=source[3],
+                process=ids[0],
+                thread_id=ids[1],
             ),
         ),
         st.integers(1, 2**40),
@@ -742,6 +762,8 @@ records_strategy = st.lists(
         texts,
         st.none() | texts,
         st.dictionaries(short_names, short_names, max_size=4),
+        st.tuples(short_names, short_names, short_names, st.integers(0, 2**32 - 1)),
+        st.sampled_from([(0, 0), (1234, 140000000000001), (1234, 140000000000002), (2**64 - 1, 1)]),
     ),
     max_size=12,
 )

@@ -315,7 +315,8 @@ FRAME_ERRORS = [
     pytest.param(header(2**32 - 1, 0), ErrorCode.FRAME_TOO_LARGE, id="too-large-beats-unknown-kind"),
     pytest.param(header(0, 0), ErrorCode.UNKNOWN_KIND, id="kind-0"),
     pytest.param(header(0, 6), ErrorCode.UNKNOWN_KIND, id="kind-6"),
-    pytest.param(header(4, 29), ErrorCode.UNKNOWN_KIND, id="kind-29"),
+    pytest.param(header(4, 33), ErrorCode.UNKNOWN_KIND, id="kind-33"),
+    pytest.param(header(4, 17), ErrorCode.UNKNOWN_KIND, id="kind-17"),
     pytest.param(header(4, 255), ErrorCode.UNKNOWN_KIND, id="kind-255"),
 ]
 
