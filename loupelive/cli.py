@@ -195,6 +195,8 @@ async def _serve(args: argparse.Namespace) -> int:
                     raise CommandError(
                         f"cannot serve metrics on {args.metrics}: {exc.strerror or exc}"
                     ) from exc
+            if args.web:
+                ready["web_port"] = await _start_web(nursery, relay, config, args.web)
             if args.ready_file:
                 _write_ready_file(args.ready_file, ready)
             if args.demo:
@@ -224,6 +226,32 @@ async def _serve(args: argparse.Namespace) -> int:
                 nursery.cancel_scope.cancel()
                 break
     return 0
+
+
+#: The web viewer's port when ``--web`` names only a host.
+DEFAULT_WEB_PORT = 29980
+
+
+async def _start_web(nursery: trio.Nursery, relay: Any, config: RelayConfig, address: str) -> int:
+    """Start the web viewer; return its bound port."""
+    try:
+        from .web import serve_web
+    except ImportError as exc:
+        raise CommandError(f"--web needs the web extra (pip install 'loupelive[web]'): {exc}") from exc
+    from .config import _is_loopback
+
+    web_host, web_port = parse_address(address, DEFAULT_WEB_PORT, allow_zero=True)
+    if not config.insecure and not _is_loopback(web_host):
+        if not config.tls_cert or not (config.viewer_token or config.viewer_token_file):
+            raise CommandError(
+                f"refusing to serve the web viewer on {web_host} without TLS and a viewer token: anyone "
+                "who can connect would read every log. Configure them, or pass --insecure to accept the risk"
+            )
+    try:
+        port: int = await nursery.start(serve_web, relay, web_host, web_port)
+    except OSError as exc:
+        raise CommandError(f"cannot serve the web viewer on {address}: {exc.strerror or exc}") from exc
+    return port
 
 
 async def _run_demo_agent(config: RelayConfig, port: int, token: str | None) -> None:
@@ -560,6 +588,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--metrics-per-session", action="store_true", help="also export per-session series (opt-in)"
+    )
+    serve.add_argument(
+        "--web",
+        metavar="HOST:PORT",
+        help=f"serve the web viewer (page + WebSocket) here; port {DEFAULT_WEB_PORT} if omitted; "
+        "TLS when the relay has TLS; needs loupelive[web]",
     )
     _config_options(serve)
 

@@ -59,6 +59,9 @@ RECEIVE_SIZE: Final = 256 * 1024
 #: Writes are split into chunks of this size for the send deadline.
 SEND_CHUNK: Final = 64 * 1024
 
+#: Writes up to this size are shielded from cancellation (see send_raw).
+SHIELDED_SEND_MAX: Final = 4096
+
 #: How long a CLOSE frame may take to leave before we give up and just close.
 CLOSE_SEND_TIMEOUT: Final = 1.0
 
@@ -154,9 +157,23 @@ class Connection:
                 # peer that stopped reading, not a slow link).  A watchdog
                 # instead of a cancel scope per write: sends are the hot path.
                 view = memoryview(data)
-                for offset in range(0, len(view), SEND_CHUNK):
-                    self._send_progress = trio.current_time()
-                    await self.stream.send_all(view[offset : offset + SEND_CHUNK])
+                if len(view) <= SHIELDED_SEND_MAX:
+                    # A small frame (a heartbeat, a command, a CLOSE) is
+                    # written whole even if our task is cancelled meanwhile:
+                    # cancelling half-way would break the connection, and the
+                    # peer would never learn why it is being closed.
+                    with trio.CancelScope(shield=True) as shield:
+                        # Bounded like any write: the watchdog fails a write
+                        # that makes no progress for send_timeout.
+                        shield.deadline = trio.current_time() + self.send_timeout + 1.0
+                        self._send_progress = trio.current_time()
+                        await self.stream.send_all(view)
+                    if shield.cancelled_caught:
+                        raise self._fail(f"{self.name}: a small write made no progress", ErrorCode.TIMEOUT)
+                else:
+                    for offset in range(0, len(view), SEND_CHUNK):
+                        self._send_progress = trio.current_time()
+                        await self.stream.send_all(view[offset : offset + SEND_CHUNK])
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise self._fail(
                     f"{self.name}: send failed: {exc or type(exc).__name__}", ErrorCode.INTERNAL

@@ -585,6 +585,8 @@ class Relay:
         self.viewer_port = 0
         self.sessions: dict[str, Session] = {}
         self._listeners: set[_ListListener] = set()
+        #: The web viewer (loupelive.web.WebGateway) when serving one.
+        self.web: Any = None
         #: Sessions whose counters or clock changed since the last list update.
         self._dirty: dict[str, Session] = {}
         self._viewer_ids = itertools.count(1)
@@ -846,6 +848,22 @@ class Relay:
 
         return connect
 
+    def local_connector(self) -> Connector:
+        """A viewer-port ``connector`` for parts of the relay's own process (the web viewer).
+
+        In-memory lockstep streams (a reader that stops pushes back, as over
+        TCP), without TLS: nothing leaves the process.  Tokens still apply.
+        """
+
+        async def connect(host: str, port_number: int) -> trio.abc.Stream:
+            if self._nursery is None:
+                raise RuntimeError("local_connector() needs a relay started with serve_relay()")
+            client, server = trio.testing.lockstep_stream_pair()
+            self._nursery.start_soon(functools.partial(self._handle, VIEWER_ROLES, server, local=True))
+            return client
+
+        return connect
+
     async def handle_agent_connection(self, stream: trio.abc.Stream) -> None:
         """Serve one connection to the agent port (any Trio stream; TLS is added here)."""
         await self._handle(AGENT_ROLES, stream)
@@ -854,8 +872,10 @@ class Relay:
         """Serve one connection to the viewer port (any Trio stream; TLS is added here)."""
         await self._handle(VIEWER_ROLES, stream)
 
-    async def _handle(self, port_roles: frozenset[Role], stream: trio.abc.Stream) -> None:
-        peer = _peer_name(stream)
+    async def _handle(
+        self, port_roles: frozenset[Role], stream: trio.abc.Stream, *, local: bool = False
+    ) -> None:
+        peer = "local" if local else _peer_name(stream)
         address = peer.rpartition(":")[0] or peer
         config = self.config
         if (
@@ -876,15 +896,17 @@ class Relay:
         self._connections += 1
         self._connections_by_address[address] += 1
         try:
-            await self._handle_counted(port_roles, stream, peer)
+            await self._handle_counted(port_roles, stream, peer, local=local)
         finally:
             self._connections -= 1
             self._connections_by_address[address] -= 1
             if not self._connections_by_address[address]:
                 del self._connections_by_address[address]
 
-    async def _handle_counted(self, port_roles: frozenset[Role], stream: trio.abc.Stream, peer: str) -> None:
-        context = self._ssl_contexts.get(port_roles)
+    async def _handle_counted(
+        self, port_roles: frozenset[Role], stream: trio.abc.Stream, peer: str, *, local: bool = False
+    ) -> None:
+        context = None if local else self._ssl_contexts.get(port_roles)
         if context is not None:
             stream = trio.SSLStream(stream, context, server_side=True)
         conn = Connection(

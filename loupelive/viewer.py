@@ -198,6 +198,11 @@ class Stream:
             await trio.sleep(backoff.next_delay())
 
     @property
+    def buffered(self) -> int:
+        """Items decoded and ready: ``anext`` returns at once while this is > 0."""
+        return len(self._ready)
+
+    @property
     def last_seq(self) -> int | None:
         """The last seq covered so far (records or gaps)."""
         return self._last_seq
