@@ -362,6 +362,8 @@ class Viewer:
         self._list_paused = False
         # A fresh snapshot being received (after RESUME_LIST), or None.
         self._new_snapshot: dict[str, SessionInfo] | None = None
+        # Set when a fresh snapshot has been applied (after RESUME_LIST or a reconnect).
+        self._snapshot_applied = trio.Event()
         #: True while the control connection is up (it reconnects by itself).
         self.connected = trio_util.AsyncBool(True)
 
@@ -448,6 +450,7 @@ class Viewer:
                 log.info("reconnected to the relay %s:%d", self.host, self.port)
                 self._new_snapshot = None
                 self._resync(snapshot)
+                self._snapshot_applied.set()
                 if self._list_paused:
                     await conn.send(PauseList())
         except AuthenticationError as exc:
@@ -512,6 +515,7 @@ class Viewer:
                 elif isinstance(message, SnapshotEnd):
                     snapshot, self._new_snapshot = self._new_snapshot, None
                     self._resync(snapshot)
+                    self._snapshot_applied.set()
                 else:
                     raise RemoteProtocolError(
                         f"unexpected {type(message).__name__} in a session snapshot",
@@ -532,10 +536,19 @@ class Viewer:
             await self._control.send(PauseList())
 
     async def resume_list(self) -> None:
-        """Updates again: the relay sends a fresh snapshot, applied as events."""
+        """Updates again: the relay sends a fresh snapshot, applied as events.
+
+        Returns once that snapshot is applied (:meth:`sessions` is current).
+        """
         self._list_paused = False
-        if self._control is not None:
-            await self._control.send(ResumeList())
+        if self._control is None:
+            return
+        self._snapshot_applied = applied = trio.Event()
+        await self._control.send(ResumeList())
+        while not applied.is_set():
+            if self._closed is not None:
+                raise self._closed
+            await self._changed.wait()
 
     async def statistics(self, *, detail: bool = False) -> dict[str, Any]:
         """The relay's statistics (``Relay.statistics()`` as JSON), asked over the wire.
