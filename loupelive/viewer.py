@@ -133,6 +133,9 @@ class Stream:
         self.gaps_received = 0
         #: How many times the stream was resumed after a break.
         self.resumes = 0
+        #: Set once the history asked for at the start has been received (the
+        #: last history batch, or the first live one, arrived).
+        self.history_done = trio.Event()
 
     async def _connect(self) -> None:
         """Open (or reopen) the data connection, from where the consumer is."""
@@ -260,6 +263,8 @@ class Stream:
                 )
         if frame.kind is FrameKind.BATCH:
             header, records = self._decoder.decode(frame.payload)
+            if header.history_end or not header.history:
+                self.history_done.set()
             start = self._last_seq
             if header.last_seq >= header.first_seq:
                 self._cover(header.first_seq, header.last_seq)

@@ -162,6 +162,8 @@ class Subscription:
     ended: bool = False
     #: Resuming after ``after_seq``: a hole before the first item is reported.
     resuming: bool = False
+    #: Joined before the tap had its history: (history, after_seq) to serve then.
+    waiting: tuple[int, int | None] | None = None
 
 
 @attrs.define(eq=False)
@@ -186,13 +188,20 @@ class Tap:
         self.idle = trio.Event()
         self.ended: tuple[str, str] | None = None
         self.decoded = 0
+        #: The agent's history has arrived: joining browsers are served from the ring.
+        self.primed = False
 
     async def run(self, viewer: Viewer) -> None:
         code, reason = "closed", "the stream closed"
         try:
             with self.scope:
-                async with viewer.open_stream(self.session_id, history=TAP_AGENT_HISTORY) as stream:
+                async with (
+                    viewer.open_stream(self.session_id, history=TAP_AGENT_HISTORY) as stream,
+                    trio.open_nursery() as nursery,
+                ):
+                    nursery.start_soon(self._prime_when_ready, stream)
                     await self._pump(stream)
+                    nursery.cancel_scope.cancel()
                     end = stream.end_code
                     code = end.value if end else "closed"
                     reason = stream.end_reason or code
@@ -204,13 +213,35 @@ class Tap:
             log.exception("web tap of session %s failed", self.session_id)
             code, reason = ErrorCode.INTERNAL.value, "internal error in the web viewer"
         finally:
-            self.gateway.taps.pop(self.session_id, None)
+            self.forget()
         if self.scope.cancelled_caught:
             return
         self.ended = (code, reason)
         for sub in list(self.subs):
             sub.client.end_subscription(sub, code, reason)
         self.subs.clear()
+
+    def forget(self) -> None:
+        """No new browser joins this tap (it is stopping or stopped)."""
+        if self.gateway.taps.get(self.session_id) is self:
+            del self.gateway.taps[self.session_id]
+
+    async def _prime_when_ready(self, stream: Stream) -> None:
+        # The pump flushes whenever nothing more is decoded, so when it waits
+        # for the stream, everything decoded is in the ring.
+        await stream.history_done.wait()
+        self._prime()
+
+    def _prime(self) -> None:
+        """The history is in the ring: serve the browsers that were waiting for it."""
+        if self.primed:
+            return
+        self.primed = True
+        for sub in list(self.subs):
+            if sub.waiting is not None:
+                history, after_seq = sub.waiting
+                sub.waiting = None
+                sub.client.start(sub, self, history, after_seq)
 
     async def _pump(self, stream: Stream) -> None:
         pending: list[_Item] = []
@@ -222,14 +253,22 @@ class Tap:
             pending.append(self._encode(item))
             # Deliver when nothing more is ready (or a message's worth is).
             if stream.buffered == 0 or len(pending) >= RECORDS_PER_MESSAGE:
-                self.ring.extend(pending)
-                for sub in list(self.subs):
-                    sub.client.deliver(sub, pending, history=False)
+                self._flush(pending)
                 pending = []
-        if pending:
-            self.ring.extend(pending)
-            for sub in list(self.subs):
-                sub.client.deliver(sub, pending, history=False)
+                if stream.history_done.is_set() and stream.buffered == 0:
+                    self._prime()
+        self._flush(pending)
+        self._prime()
+
+    def _flush(self, items: list[_Item]) -> None:
+        if not items:
+            return
+        self.ring.extend(items)
+        if not self.primed:
+            return  # history: served from the ring when primed
+        for sub in list(self.subs):
+            if sub.waiting is None:
+                sub.client.deliver(sub, items, history=False)
 
     def _encode(self, item: Record | Gap) -> _Item:
         self.decoded += 1
@@ -265,6 +304,7 @@ class Tap:
                     continue
                 await trio.sleep_forever()
         if not self.subs:
+            self.forget()
             self.scope.cancel()
 
 
@@ -520,8 +560,17 @@ class WebClient:
         self.subs[sub_id] = sub
         self.send({"type": "watching", "sub": sub_id, "session": _session_json(info)})
         tap = self.gateway.subscribe(sub)
-        self.deliver(sub, tap.history_for(history, min_level, after_seq), history=True)
-        self.send({"type": "live", "sub": sub_id})
+        if tap.primed:
+            self.start(sub, tap, history, after_seq)
+        else:
+            sub.waiting = (history, after_seq)
+
+    def start(self, sub: Subscription, tap: Tap, history: int, after_seq: int | None) -> None:
+        """Serve a new subscription its history from the tap's ring, then live."""
+        if sub.ended:
+            return
+        self.deliver(sub, tap.history_for(history, sub.min_level, after_seq), history=True)
+        self.send({"type": "live", "sub": sub.sub})
 
     # -- session list --------------------------------------------------------------------
 
