@@ -523,7 +523,7 @@ class WebClient:
         session_id = obj.get("session_id")
         if not isinstance(session_id, str) or not 0 < len(session_id) <= 64:
             raise ClientError("watch needs a session_id")
-        history = _int(obj, "history", 0, TAP_HISTORY, DEFAULT_HISTORY)
+        history = min(_int(obj, "history", 0, 2**31, DEFAULT_HISTORY), TAP_HISTORY)
         min_level = _int(obj, "min_level", 0, 255, 0)
         after_seq = obj.get("after_seq")
         if after_seq is not None:
