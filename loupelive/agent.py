@@ -40,7 +40,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Final
 
 import attrs
@@ -167,7 +167,12 @@ class Agent:
         reconnect_min: float = DEFAULT_RECONNECT_MIN,
         reconnect_max: float = DEFAULT_RECONNECT_MAX,
         clock: Callable[[], float] = time.time,
+        fallbacks: Sequence[tuple[str, int]] = (),
     ) -> None:
+        #: Every relay this agent may use, tried in turn when one fails (the
+        #: relays of a cluster); ``host``/``port`` is the one in use.
+        self.addresses: list[tuple[str, int]] = [(host, port), *fallbacks]
+        self._address_index = 0
         self.host = host
         #: The wall clock that stamps records and answers the relay's clock
         #: probes (replaceable to simulate a skewed machine).
@@ -455,9 +460,13 @@ class Agent:
                 )
             except (OSError, ConnectionClosed, RemoteProtocolError) as exc:
                 self._first_attempt_done.set()
-                if first:
-                    raise
                 self.last_error = str(exc)
+                if first and self._address_index == len(self.addresses) - 1:
+                    raise  # every relay was tried once
+                if len(self.addresses) > 1:
+                    self._next_address()
+                    if first:
+                        continue
                 delay = backoff.next_delay()
                 if isinstance(exc, HandshakeRejected) and exc.code not in (
                     ErrorCode.SESSION_CONFLICT,
@@ -500,6 +509,13 @@ class Agent:
             if not self._closing:
                 await trio.sleep(backoff.next_delay())
         self.status = "closed"
+
+    def _next_address(self) -> None:
+        """Try the next relay next time (several relays: a cluster)."""
+        old = (self.host, self.port)
+        self._address_index = (self._address_index + 1) % len(self.addresses)
+        self.host, self.port = self.addresses[self._address_index]
+        log.info("relay %s:%d failed; trying %s:%d", *old, self.host, self.port)
 
     async def _run_control(self, conn: Connection) -> None:
         with collapse_groups():
@@ -783,6 +799,12 @@ class Agent:
             control = self._control
             if control is not None:
                 try:
+                    # The final counters first: the session's end shows them all.
+                    if self._counts_pending:
+                        with self._lock:
+                            self._counts_pending = False
+                            counts = self._counts_locked()
+                        await control.send(ReportCounts(counts=counts))
                     await control.send(Goodbye(reason="the session ended"))
                 except ConnectionClosed:
                     return
@@ -870,6 +892,7 @@ async def open_agent(
     sync_interval: float = DEFAULT_SYNC_INTERVAL,
     close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
     clock: Callable[[], float] = time.time,
+    fallbacks: Sequence[tuple[str, int]] = (),
 ) -> AsyncIterator[Agent]:
     """Register a session with the relay at ``host:port`` and publish records to it.
 
@@ -893,6 +916,9 @@ async def open_agent(
         (e.g. :meth:`Relay.memory_connector` for in-process tests).
       clock: the wall clock for record timestamps and clock probes
         (``time.time``; tests pass a skewed one).
+      fallbacks: more relays ``(host, port)`` of the same cluster: when the
+        relay in use fails, the agent registers with the next one (and the
+        first connection tries them in turn).
 
     Raises:
       OSError: the relay cannot be reached.
@@ -917,6 +943,7 @@ async def open_agent(
         sync_interval=sync_interval,
         close_timeout=close_timeout,
         clock=clock,
+        fallbacks=fallbacks,
     )
     async with run_agent(agent) as running:
         yield running

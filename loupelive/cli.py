@@ -442,7 +442,9 @@ def _json_line_to_kwargs(line: str) -> dict[str, Any]:
 
 
 async def _pipe(args: argparse.Namespace) -> int:
-    host, port = parse_address(args.relay, DEFAULT_AGENT_PORT)
+    # Several relays (a cluster): "a:29971,b:29971", used in turn when one fails.
+    addresses = [parse_address(part.strip(), DEFAULT_AGENT_PORT) for part in (args.relay or "").split(",")]
+    (host, port), fallbacks = addresses[0], addresses[1:]
     token = _client_token(args, "LOUPELIVE_AGENT_TOKEN")
     stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
     bad_lines = 0
@@ -456,6 +458,7 @@ async def _pipe(args: argparse.Namespace) -> int:
             token=token,
             tls=_client_tls(args),
             ca_file=args.ca,
+            fallbacks=fallbacks,
         ) as agent,
     ):
         log.info("session %s: publishing stdin as app %s", agent.session_id, args.app)

@@ -50,6 +50,11 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _check_relay_name(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if not value or len(value) > 64 or not all(c.isascii() and (c.isalnum() or c in "-_") for c in value):
+        raise ValueError(f"{attribute.name} must be 1-64 ASCII letters, digits, '-' or '_', not {value!r}")
+
+
 def _share(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
     if not 0 < value <= 1:
         raise ValueError(f"{attribute.name} must be in (0, 1], not {value}")
@@ -135,6 +140,21 @@ class RelayConfig:
     #: Session-list updates queued for one viewer beyond its snapshot; a viewer
     #: that lets more pile up is disconnected (it reconnects to a fresh list).
     max_list_backlog: int = attrs.field(default=10_000, validator=_positive)
+    #: Cluster mode: NATS server URLs, comma-separated (``nats://h:4222,…``;
+    #: ``tls://`` for TLS).  None: a single relay, no NATS anywhere.
+    cluster: str | None = None
+    #: This relay's name in the cluster (letters, digits, ``-``, ``_``);
+    #: default: the host name and the agent port.
+    relay_name: str | None = attrs.field(default=None, validator=attrs.validators.optional(_check_relay_name))
+    #: Subject prefix: several clusters can share one NATS system.
+    cluster_prefix: str = attrs.field(default="loupelive", validator=_check_relay_name)
+    #: NATS credentials file (JWT + NKey), and a CA file for ``tls://`` servers.
+    cluster_creds: str | None = None
+    cluster_tls_ca: str | None = None
+    #: A relay not heard from for this long (seconds) is gone: its sessions
+    #: turn ``disconnected`` and end after ``agent_grace`` unless their agents
+    #: register elsewhere.
+    cluster_timeout: float = attrs.field(default=3.0, validator=_positive)
 
     def __attrs_post_init__(self) -> None:
         if self.heartbeat_timeout <= self.heartbeat_interval:

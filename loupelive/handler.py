@@ -29,7 +29,7 @@ import os
 import ssl
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import trio
@@ -82,7 +82,8 @@ class LiveHandler(logging.Handler):
 
     Args:
       relay: ``"HOST[:PORT]"`` of the relay's agent port (default
-        ``127.0.0.1:29971``).
+        ``127.0.0.1:29971``); several relays of a cluster as a list or
+        ``"a:29971,b:29971"``: when one fails the session moves to the next.
       app, app_version, tags: how the session is shown to viewers.
       environment: e.g. ``production`` (default ``$LOUPE_ENVIRONMENT``).
       token: the relay's agent token, if it requires one.
@@ -94,7 +95,7 @@ class LiveHandler(logging.Handler):
 
     def __init__(
         self,
-        relay: str = f"127.0.0.1:{DEFAULT_AGENT_PORT}",
+        relay: str | Sequence[str] = f"127.0.0.1:{DEFAULT_AGENT_PORT}",
         *,
         app: str,
         app_version: str = "",
@@ -110,7 +111,12 @@ class LiveHandler(logging.Handler):
         level: int = logging.NOTSET,
     ) -> None:
         super().__init__(level)
-        self._host, self._port = _parse_relay(relay)
+        # Several relays (a cluster), used in turn when one fails.
+        parts = relay.split(",") if isinstance(relay, str) else list(relay)
+        if not parts:
+            raise ValueError("relay: at least one HOST[:PORT]")
+        addresses = [_parse_relay(part.strip()) for part in parts]
+        (self._host, self._port), self._fallbacks = addresses[0], addresses[1:]
         self._options: dict[str, Any] = {
             "app": app,
             "app_version": app_version,
@@ -171,6 +177,7 @@ class LiveHandler(logging.Handler):
             max_delay=0.0,
             sync_interval=30.0,
             close_timeout=options["close_timeout"],
+            fallbacks=self._fallbacks,
         )
 
     @property

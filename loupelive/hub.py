@@ -39,7 +39,7 @@ import enum
 import logging
 import math
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Protocol
 
 import attrs
 import trio
@@ -152,6 +152,21 @@ class Subscriber:
         self.send_channel.close()
 
 
+class FrameSink(Protocol):
+    """Another consumer of a session's frames (a cluster feed to another relay)."""
+
+    #: Its viewers: our viewer ids (as the agent knows them) → theirs.
+    ids: dict[int, int]
+
+    def on_batch(self, header: BatchHeader, frame: bytes) -> None: ...
+
+    def on_gap(self, gap: GapNotice) -> None: ...
+
+    def restart(self) -> None: ...
+
+    def end(self, code: ErrorCode, reason: str, last_seq: int) -> None: ...
+
+
 @attrs.define(eq=False)
 class Hub:
     """The subscribers of one session and the routing of its agent's frames.
@@ -175,6 +190,8 @@ class Hub:
     records_in: int = 0
     batches_dropped: int = 0
     gaps_sent: int = 0
+    #: Cluster feeds (by watching relay), given every frame after the viewers.
+    feeds: dict[str, FrameSink] = attrs.Factory(dict)
 
     def _dropped(self, sub: Subscriber, header: BatchHeader) -> None:
         sub.dropped(header)
@@ -214,6 +231,8 @@ class Hub:
         self.records_in += header.count
         if not header.history:
             self.last_seq = max(self.last_seq, header.last_seq)
+        for feed in self.feeds.values():
+            feed.on_batch(header, frame)
         if header.history:
             sub = self.subscribers.get(header.viewer)
             if sub is not None and sub.state is SubscriberState.PENDING:
@@ -272,6 +291,8 @@ class Hub:
 
     def on_gap(self, gap: GapNotice) -> None:
         """Route an agent's GAP (its buffer dropped records before sending)."""
+        for feed in self.feeds.values():
+            feed.on_gap(gap)
         frame = encode_message(GapNotice(first_seq=gap.first_seq, last_seq=gap.last_seq, reason=gap.reason))
         if gap.viewer:
             sub = self.subscribers.get(gap.viewer)

@@ -253,6 +253,9 @@ class SessionInfo:
     clock_offset: float | None = None
     #: Round-trip time between relay and agent, in seconds (None: not measured).
     rtt: float | None = None
+    #: In a cluster: the name of the relay the agent is connected to ("": a
+    #: single relay).
+    relay: str = attrs.field(default="", validator=_check_info_string)
 
     def to_json(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -310,6 +313,7 @@ class SessionInfo:
                 last_record_at=counts.last_record_at,
                 clock_offset=_optional_float(obj, "clock_offset"),
                 rtt=_optional_float(obj, "rtt"),
+                relay=_get(obj, "relay", str, ""),
             )
         except ValueError as exc:
             raise _bad(str(exc)) from exc

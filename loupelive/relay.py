@@ -364,10 +364,16 @@ class Session:
         if self.attachments == 1:
             return
         self.stream_wanted = False
-        if self.hub.subscribers:
+        if self.hub.subscribers or self.remote_viewers():
             self.ensure_stream()
             for sub in self.hub.subscribers.values():
                 self.command(self.hub.restart(sub))
+        self._restart_feeds()
+
+    def _restart_feeds(self) -> None:
+        # Watching relays re-add their viewers from where each one is.
+        for feed in self.hub.feeds.values():
+            feed.restart()
 
     @property
     def status(self) -> str:
@@ -455,12 +461,27 @@ class Session:
         self.command(RequestSync())
 
     def public_info(self) -> SessionInfo:
+        cluster = self.relay.cluster
         return attrs.evolve(
             self.info,
-            viewers=len(self.hub.subscribers),
+            viewers=len(self.hub.subscribers) + self.remote_viewers(),
             streaming=self.data_conn is not None,
             status=self.status,
+            relay=cluster.name if cluster is not None else "",
         )
+
+    def remote_viewers(self) -> int:
+        """Viewers on other relays of a cluster (through feeds)."""
+        return sum(len(feed.ids) for feed in self.hub.feeds.values())
+
+    def remove_remote_viewer(self, viewer_id: int) -> None:
+        self.command(RemoveViewer(viewer=viewer_id))
+        self.maybe_stop_stream()
+
+    def maybe_stop_stream(self) -> None:
+        """Nobody watches any more (here or through feeds): stop after the grace period."""
+        if not self.hub.subscribers and not self.remote_viewers() and self.stream_wanted:
+            self._spawn(self._grace_then_stop)
 
     def ensure_stream(self) -> None:
         if self.grace_scope is not None:
@@ -502,8 +523,7 @@ class Session:
         if self.ended:
             return
         self.command(RemoveViewer(viewer=sub.id))
-        if not self.hub.subscribers and self.stream_wanted:
-            self._spawn(self._grace_then_stop)
+        self.maybe_stop_stream()
         self.relay._changed(self)
 
     async def _grace_then_stop(self) -> None:
@@ -512,7 +532,7 @@ class Session:
                 self.grace_scope.cancel()
             self.grace_scope = scope
             await trio.sleep(self.relay.config.stream_grace)
-            if not self.hub.subscribers and self.stream_wanted:
+            if not self.hub.subscribers and not self.remote_viewers() and self.stream_wanted:
                 self.stream_wanted = False
                 self.command(StopStream(stream=self.stream_no))
                 log.info("session %s: no viewers left, stream %d stopped", self.session_id, self.stream_no)
@@ -534,11 +554,12 @@ class Session:
         # the agent stopped it while we still have viewers): start a new one
         # and re-ask for each viewer from where it stopped.
         self.stream_wanted = False
-        if self.hub.subscribers:
+        if self.hub.subscribers or self.remote_viewers():
             log.info("session %s: stream %d ended with viewers left; restarting", self.session_id, stream_no)
             self.ensure_stream()
             for sub in self.hub.subscribers.values():
                 self.command(self.hub.restart(sub))
+            self._restart_feeds()
 
 
 @attrs.define(eq=False)
@@ -587,6 +608,8 @@ class Relay:
         self._listeners: set[_ListListener] = set()
         #: The web viewer (loupelive.web.WebGateway) when serving one.
         self.web: Any = None
+        #: Cluster membership (loupelive.cluster.Cluster) with ``cluster`` configured.
+        self.cluster: Any = None
         #: Sessions whose counters or clock changed since the last list update.
         self._dirty: dict[str, Session] = {}
         self._viewer_ids = itertools.count(1)
@@ -715,14 +738,35 @@ class Relay:
 
     # -- session list -------------------------------------------------------------
 
-    def _broadcast(self, message: Message) -> None:
+    def _broadcast(self, message: Message, *, local: bool = True) -> None:
+        """Send a list message to every viewer (and, for our own sessions, to the cluster)."""
         frame = encode_message(message)
         for listener in self._listeners:
             if not listener.paused:
                 listener.put(frame)
+        if (
+            local
+            and self.cluster is not None
+            and isinstance(message, (SessionAdded, SessionChanged, SessionEnded))
+        ):
+            self.cluster.publish_session(message)
+
+    def all_sessions(self) -> list[Any]:
+        """Our sessions, then (in a cluster) those other relays hold."""
+        sessions: list[Any] = list(self.sessions.values())
+        if self.cluster is not None:
+            sessions.extend(self.cluster.remote.values())
+        return sessions
+
+    def find_session(self, session_id: str) -> Any:
+        """A live session by id, ours or (in a cluster) another relay's; None if unknown."""
+        session = self.sessions.get(session_id)
+        if session is None and self.cluster is not None:
+            session = self.cluster.remote.get(session_id)
+        return session
 
     def _changed(self, session: Session) -> None:
-        if not session.ended and session.session_id in self.sessions:
+        if not session.ended and self.sessions.get(session.session_id) is session:
             self._broadcast(SessionChanged(session=session.public_info()))
             # The full information carries the counters too.
             self._dirty.pop(session.session_id, None)
@@ -747,8 +791,12 @@ class Relay:
         gets every session's counters once caught up: counters are state, so
         only the newest matter.  Paused viewers get a fresh snapshot on resume.
         """
-        dirty = [s for s in self._dirty.values() if not s.ended and s.session_id in self.sessions]
+        dirty = [s for s in self._dirty.values() if not s.ended and self.find_session(s.session_id) is s]
         self._dirty.clear()
+        if self.cluster is not None:
+            own = [s.counts_entry() for s in dirty if s.session_id in self.sessions]
+            if own:
+                self.cluster.publish_counts(own)
         if not self._listeners:
             return
         frames = self._counts_frames(dirty) if dirty else b""
@@ -761,7 +809,7 @@ class Relay:
                 continue
             if listener.counts_stale:
                 if full is None:
-                    full = self._counts_frames(self.sessions.values())
+                    full = self._counts_frames(self.all_sessions())
                 listener.counts_stale = False
                 if full:
                     listener.put(full)
@@ -1094,7 +1142,13 @@ class Relay:
             conn.name,
         )
         if session.attachments == 1:
-            self._broadcast(SessionAdded(session=session.public_info()))
+            if self.cluster is not None and session_id in self.cluster.remote:
+                # Its agent moved here from another relay of the cluster:
+                # our viewers of it are served locally from now on.
+                self.cluster.adopt(session)
+                self._broadcast(SessionChanged(session=session.public_info()))
+            else:
+                self._broadcast(SessionAdded(session=session.public_info()))
         else:
             self._changed(session)
         goodbye: Goodbye | None = None
@@ -1196,6 +1250,9 @@ class Relay:
             session.grace_scope.cancel()
         self.sessions.pop(session.session_id, None)
         session.hub.end_all(code, reason)
+        for feed in list(session.hub.feeds.values()):
+            feed.end(code, reason, session.hub.last_seq)
+        session.hub.feeds.clear()
         session.outbox_send.close()
         if session.data_scope is not None:
             session.data_scope.cancel()
@@ -1287,12 +1344,13 @@ class Relay:
             await self._reject(conn, ErrorCode.LIMIT_REACHED, "too many viewer connections")
             return
         send, receive = trio.open_memory_channel[bytes](math.inf)
-        listener = _ListListener(send, receive, limit=len(self.sessions) + self.config.max_list_backlog + 1)
+        everyone = self.all_sessions()
+        listener = _ListListener(send, receive, limit=len(everyone) + self.config.max_list_backlog + 1)
         # Snapshot and subscription in one synchronous step: no event can fall
         # between them.
-        for session in self.sessions.values():
+        for session in everyone:
             listener.put(encode_message(SessionAdded(session=session.public_info())))
-        listener.put(encode_message(SnapshotEnd(count=len(self.sessions))))
+        listener.put(encode_message(SnapshotEnd(count=len(everyone))))
         self._listeners.add(listener)
         self._counts["viewer_connections"] += 1
         try:
@@ -1316,11 +1374,12 @@ class Relay:
                         listener.paused = False
                         listener.counts_stale = False
                         listener.put(encode_message(SnapshotBegin()), force=True)
-                        for session in self.sessions.values():
+                        everyone = self.all_sessions()
+                        for session in everyone:
                             listener.put(
                                 encode_message(SessionAdded(session=session.public_info())), force=True
                             )
-                        listener.put(encode_message(SnapshotEnd(count=len(self.sessions))), force=True)
+                        listener.put(encode_message(SnapshotEnd(count=len(everyone))), force=True)
                         continue
                     raise RemoteProtocolError(
                         f"unexpected {type(message).__name__} from a viewer",
@@ -1346,7 +1405,7 @@ class Relay:
             )
 
     async def _serve_viewer_data(self, conn: Connection, hello: Hello) -> None:
-        session = self.sessions.get(hello.session_id or "")
+        session = self.find_session(hello.session_id or "")
         if session is None:
             await self._reject(conn, ErrorCode.UNKNOWN_SESSION, f"no live session {hello.session_id!r}")
             return
@@ -1568,4 +1627,8 @@ async def serve_relay(
 
             nursery.start_soon(listen)
             nursery.start_soon(relay._serve_list_updates)
+            if config.cluster:
+                from .cluster import serve_cluster
+
+                await nursery.start(serve_cluster, relay)
             task_status.started(relay)

@@ -126,7 +126,9 @@ class Stream:
         self.min_level = int(min_level)
         self._decoder = BatchDecoder()
         self._ready: collections.deque[Record | Gap] = collections.deque()
-        self._last_seq: int | None = None
+        # Resuming after a seq: nothing at or before it is delivered, even if
+        # the agent is not that far yet.
+        self._last_seq: int | None = after_seq
         self.end_code: ErrorCode | None = None
         self.end_reason = ""
         self.records_received = 0
