@@ -574,6 +574,7 @@ class Cluster:
         self.peers: dict[str, tuple[str, float]] = {}
         # Directory snapshots being received: owner → session ids so far.
         self._snapshots: dict[str, set[str]] = {}
+        self._changed = trio.Event()
         self.nursery: trio.Nursery | None = None
         self._inbox_send, self._inbox_receive = trio.open_memory_channel[tuple[str, bytes]](INBOX_SIZE)
         self.overflows = 0
@@ -585,6 +586,15 @@ class Cluster:
 
     def subject(self, *parts: str) -> str:
         return ".".join((self.prefix, *parts))
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Wait until ``predicate()`` holds, checked whenever peers or remote sessions change."""
+        while not predicate():
+            await self._changed.wait()
 
     # -- running ---------------------------------------------------------------------
 
@@ -640,6 +650,7 @@ class Cluster:
         for name, (_epoch, seen) in list(self.peers.items()):
             if seen < deadline:
                 del self.peers[name]
+                self._notify()
                 log.warning("cluster: relay %s is gone; its sessions wait for their agents", name)
                 for remote in list(self.remote.values()):
                     if remote.owner == name:
@@ -714,6 +725,7 @@ class Cluster:
         self.peers[name] = (epoch, trio.current_time())
         if known is None:
             log.info("cluster: relay %s is here", name)
+            self._notify()
             # A relay (re)appearing: its sessions are what it announces now.
 
     def _on_sync(self, data: bytes) -> None:
@@ -774,6 +786,7 @@ class Cluster:
             remote = RemoteSession(cluster=self, info=info, owner=owner, owner_epoch=epoch)
             self.remote[session_id] = remote
             self.relay._broadcast(SessionAdded(session=info), local=False)
+            self._notify()
             return
         moved = remote.owner != owner
         if moved and not (
@@ -800,6 +813,7 @@ class Cluster:
             # for us): ask again for every viewer, from where each one is.
             remote.restart_all()
         self.relay._broadcast(SessionChanged(session=info), local=False)
+        self._notify()
 
     def _end_remote(self, remote: RemoteSession, message: SessionEnded) -> None:
         remote.ended = True
@@ -807,6 +821,7 @@ class Cluster:
         code = ErrorCode.SESSION_ENDED if message.status == "ended" else ErrorCode.AGENT_LOST
         remote.hub.end_all(code, "the session ended" if message.status == "ended" else "the agent was lost")
         self.relay._broadcast(message, local=False)
+        self._notify()
 
     def _owner_lost(self, remote: RemoteSession) -> None:
         remote.info = attrs.evolve(remote.info, status="disconnected", streaming=False)
