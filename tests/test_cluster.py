@@ -8,6 +8,7 @@ the real clients on loopback TCP.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -26,7 +27,11 @@ from loupelive.records import Gap, Record
 from .cli_helpers import Child, run_child, start_relay
 from .conftest import test_config
 
-pytestmark = pytest.mark.skipif(shutil.which("nats-server") is None, reason="nats-server is not installed")
+# Skipped where nats-server is missing, except in CI (which installs it): a
+# silent skip there would hide breakage.
+pytestmark = pytest.mark.skipif(
+    shutil.which("nats-server") is None and not os.environ.get("CI"), reason="nats-server is not installed"
+)
 
 #: Cluster tests wait for NATS round trips and a relay's death notice.
 TIMEOUT = 60
