@@ -343,6 +343,16 @@ def format_stats(stats: dict[str, Any]) -> str:
         + (", ".join(f"{k} {v}" for k, v in sorted(stats["rejected"].items())) or "none"),
         f"memory (RSS)        {_human_bytes(stats['rss_bytes'])}",
     ]
+    cluster = stats.get("cluster") or {}
+    if cluster:
+        lines += [
+            f"cluster             relay {cluster['name']}, NATS {'connected' if cluster['connected'] else 'DOWN'}"
+            f" ({cluster['nats_reconnects']} reconnects), peers {', '.join(cluster['peers']) or 'none'}",
+            f"  remote sessions   {cluster['remote_sessions']}; feeds out {cluster['feeds']}",
+            f"  feed bytes        out {_human_bytes(cluster['feed_bytes_out'])}, in {_human_bytes(cluster['feed_bytes_in'])}",
+            f"  losses            {cluster['cluster_overflow_gaps']} cluster_overflow gaps, "
+            f"{cluster['feed_holes']} feed holes, {cluster['nats_inbox_drops']} inbox drops",
+        ]
     for detail in stats.get("session_details", []):
         lines.append(
             f"  {detail['session_id']}  {detail['app']:<16} in {detail['records_in']} records "

@@ -236,6 +236,9 @@ class RelayStatistics:
     rss_bytes: int
     #: Per session, with ``statistics(detail=True)``; empty otherwise.
     session_details: tuple[SessionStatistics, ...] = ()
+    #: In a cluster: peers, remote sessions, feed traffic, overflows (see
+    #: ``Cluster.statistics``); empty for a single relay.
+    cluster: dict[str, Any] = attrs.Factory(dict)
 
     def to_json(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -685,6 +688,7 @@ class Relay:
             session_details=tuple(self._session_statistics(s) for s in self.sessions.values())
             if detail
             else (),
+            cluster=self.cluster.statistics() if self.cluster is not None else {},
             **totals,
         )
 

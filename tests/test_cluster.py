@@ -160,9 +160,12 @@ async def test_three_relays_on_one_nats_server(nursery: trio.Nursery) -> None:
             for relay in (b, c):
                 await relay.cluster.wait_until(lambda relay=relay: not relay.cluster.remote)
             assert not a.sessions
-            stats = c.cluster.statistics()
+            stats = c.statistics().cluster
             assert stats["feed_bytes_in"] > 0 and stats["feed_holes"] == 0
-            assert a.cluster.statistics()["feed_bytes_out"] == stats["feed_bytes_in"]
+            assert stats["peers"] == ["A", "B"]
+            assert a.statistics().cluster["feed_bytes_out"] == stats["feed_bytes_in"]
+            # Nothing crossed NATS to B, which had no viewers.
+            assert b.statistics().cluster["feed_bytes_in"] == 0
 
 
 async def test_session_lists_converge_and_show_the_owner(nursery: trio.Nursery) -> None:
