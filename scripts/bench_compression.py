@@ -15,6 +15,16 @@ For each system of the corpus (see ``scripts/corpus.py``), in bytes per record:
   once, a reference no live stream can reach (it sees the whole file before it
   emits a byte).
 
+Then the cost of source locations (``source_locations`` in the JSON): the same
+records with what ``LiveHandler`` adds to each (file, function, module and line
+of the logging call; process and thread ids), encoded by ``loupe/N`` as above,
+against the records without them.  Call sites are synthetic but shaped like an
+application's: SOURCE_SITES sites in SOURCE_MODULES modules, each record's site
+chosen by its logger and message template (so a statement always logs the same
+kind of message and the busiest templates make the busiest sites); one process
+id per system, one thread id per distinct ``thread`` of the corpus (a CPython
+``threading.get_ident()``-sized number).
+
 Then the throughput, in records per second, of ``BatchEncoder.encode`` at 100
 records per batch and of ``BatchDecoder.decode`` on those batches, next to the
 same work done with JSON lines (``json.dumps`` + the brotli stream above;
@@ -33,14 +43,17 @@ import gc
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+import attrs
 import brotli
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -56,6 +69,26 @@ THROUGHPUT_BATCH: Final = 100
 QUALITY: Final = 5
 LGWIN: Final = 18
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
+
+#: Synthetic call sites for the source-location measurement.
+SOURCE_SITES: Final = 48
+SOURCE_MODULES: Final = 12
+_FUNCTIONS: Final = (
+    "handle_request",
+    "run",
+    "process_batch",
+    "on_message",
+    "connect",
+    "_retry",
+    "commit",
+    "schedule",
+    "validate",
+    "__init__",
+    "close",
+    "dispatch",
+)
+#: Digits and hex runs: masked to group messages by template.
+_VARIABLE: Final = re.compile(r"[0-9a-fA-F]{2,}|\d+")
 
 
 def source_version() -> dict[str, Any]:
@@ -220,6 +253,111 @@ def measure_sizes(records: Sequence[Record]) -> dict[str, Any]:
     return result
 
 
+def call_sites(system: str) -> list[tuple[str, str, str, int]]:
+    """SOURCE_SITES (file, function, module, line) in SOURCE_MODULES modules of one application."""
+    package = re.sub(r"[^a-z0-9]+", "_", system.lower()).strip("_") or "app"
+    modules = [f"{package}_{name}" for name in ("server", "handlers", "db", "cache", "auth", "jobs")]
+    modules += [
+        f"{name}_{i}" for i, name in enumerate(("util", "client", "worker", "api", "models", "tasks"))
+    ]
+    sites = []
+    for i in range(SOURCE_SITES):
+        module = modules[i % SOURCE_MODULES]
+        file = f"/srv/{package}/lib/python3.11/site-packages/{package}/{module}.py"
+        function = _FUNCTIONS[(i * 7) % len(_FUNCTIONS)]
+        line = 20 + (zlib.crc32(f"{system}:{i}".encode()) % 1500)
+        sites.append((file, function, module, line))
+    return sites
+
+
+def thread_ident(thread: str) -> int:
+    """A ``threading.get_ident()``-like number (0x7f.. pthread address) per thread name."""
+    return 0x7F00_0000_0000 + (zlib.crc32(thread.encode()) & 0xFFFF_FFFF) * 4096
+
+
+def with_source(system: str, records: Sequence[Record]) -> list[Record]:
+    """``records`` with the source locations and ids a LiveHandler would give them."""
+    sites = call_sites(system)
+    process = 1000 + zlib.crc32(system.encode()) % 60000
+    out = []
+    for record in records:
+        template = _VARIABLE.sub("#", record.message)[:48]
+        file, function, module, line = sites[zlib.crc32(f"{record.logger}|{template}".encode()) % len(sites)]
+        out.append(
+            attrs.evolve(
+                record,
+                file=file,
+                function=function,
+                module=module,
+                line=line,
+                process=process,
+                thread_id=thread_ident(record.thread or "MainThread"),
+            )
+        )
+    return out
+
+
+def measure_source_cost(system: str, records: Sequence[Record]) -> dict[str, Any]:
+    """Bytes per record of loupe/N with and without source locations (same records otherwise)."""
+    located = with_source(system, records)
+    n = len(records)
+    result: dict[str, Any] = {
+        "records": n,
+        "sites_used": len({(r.file, r.function, r.line) for r in located}),
+        "threads": len({r.thread_id for r in located}),
+        "without": {},
+        "with": {},
+        "difference": {},
+        "raw_without": {},
+        "raw_with": {},
+    }
+    for size in BATCH_SIZES:
+        for key, batch in (("without", records), ("with", located)):
+            payloads = loupe_encode(batch, size)
+            if loupe_decode(payloads) != list(batch):
+                raise SystemExit(
+                    f"BatchDecoder did not return the records that went in ({key}, batch {size})"
+                )
+            result[key][str(size)] = sum(len(p) for p in payloads) / n
+            raw = sum(BatchHeader.parse(p)[0].raw_len for p in payloads)
+            result[f"raw_{key}"][str(size)] = raw / n
+        result["difference"][str(size)] = result["with"][str(size)] - result["without"][str(size)]
+    return result
+
+
+def aggregate_source_cost(costs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    total = sum(c["records"] for c in costs.values())
+    result: dict[str, Any] = {"records": total}
+    for key in ("without", "with", "difference", "raw_without", "raw_with"):
+        result[key] = {
+            str(b): sum(c[key][str(b)] * c["records"] for c in costs.values()) / total for b in BATCH_SIZES
+        }
+    return result
+
+
+def print_source_cost(costs: dict[str, dict[str, Any]]) -> None:
+    width = max(len(n) for n in costs) + 1
+    print()
+    print(
+        f"Source locations (file, function, module, line, process and thread ids; "
+        f"{SOURCE_SITES} call sites): bytes per record, loupe/N"
+    )
+    print(
+        f"{'system':<{width}} "
+        + " ".join(f"{'without/' + str(b):>10} {'with/' + str(b):>8} {'+':>5}" for b in BATCH_SIZES)
+        + f" {'raw +/100':>9}"
+    )
+    for name, c in costs.items():
+        print(
+            f"{name:<{width}} "
+            + " ".join(
+                f"{c['without'][str(b)]:10.1f} {c['with'][str(b)]:8.1f} {c['difference'][str(b)]:5.1f}"
+                for b in BATCH_SIZES
+            )
+            + f" {c['raw_with']['100'] - c['raw_without']['100']:9.1f}"
+        )
+
+
 def measure_throughput(records: Sequence[Record], rounds: int) -> dict[str, Any]:
     """Records/s of encode and decode at THROUGHPUT_BATCH, loupelive and JSON, per round."""
     n = len(records)
@@ -351,9 +489,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.rounds
         else {}
     )
+    source_cost = {name: measure_source_cost(name, records) for name, records in corpus.items()}
     if len(sizes) > 1:
         sizes["(all)"] = aggregate(sizes)
+        source_cost["(all)"] = aggregate_source_cost(source_cost)
     print_tables(sizes, throughput)
+    print_source_cost(source_cost)
     info["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else []
     result = {
         "benchmark": "compression",
@@ -366,6 +507,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "header": "varint (flags, first_seq, span, count, raw_len); see loupe_header",
         },
         "bytes_per_record": sizes,
+        "source_locations": {
+            "sites": SOURCE_SITES,
+            "modules": SOURCE_MODULES,
+            "bytes_per_record": source_cost,
+        },
         "throughput": throughput,
     }
     out = Path(args.out)
