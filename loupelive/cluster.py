@@ -58,6 +58,7 @@ import secrets
 import socket
 import ssl
 import struct
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final, cast
@@ -161,6 +162,8 @@ class NatsBridge:
         self._subs: list[tuple[str, Callable[[bytes], None]]] = []
         #: Set once the first connection to NATS is up.
         self.first_connect = trio.Event()
+        self._last_error = ""
+        self._last_error_at = -math.inf
 
     def publish(self, subject: str, data: bytes, on_sent: Callable[[int], None] | None = None) -> None:
         """Queue ``data`` for ``subject`` (never blocks; ``on_sent(len)`` once written)."""
@@ -263,7 +266,13 @@ class NatsBridge:
             self.on_connect(True)
 
     async def _error(self, exc: Exception) -> None:
-        log.warning("cluster: NATS error: %s", exc)
+        # While NATS is down every reconnect attempt fails: say so once a
+        # minute, not twice a second.
+        now = time.monotonic()
+        text = str(exc)
+        if text != self._last_error or now - self._last_error_at >= 60.0:
+            log.warning("cluster: NATS error: %s", text)
+            self._last_error, self._last_error_at = text, now
 
     async def _closed(self) -> None:
         self.connected = False
