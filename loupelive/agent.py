@@ -640,6 +640,15 @@ class Agent:
                                 last_sync = now
                                 self._sync_requested = False
                         continue
+                    if self._sync_requested and self._viewers:
+                        # Asked for a sync point with nothing new to send (a
+                        # viewer or relay caught up after skipping, in a quiet
+                        # session): an empty sync batch, so it resumes now and
+                        # learns what it lost, instead of at the next record.
+                        await self._send_empty_sync(conn, encoder)
+                        last_sync = trio.current_time()
+                        self._sync_requested = False
+                        continue
                     if self._closing or self._stream_wanted.value != stream_no:
                         break
                     await self._wait_wake()
@@ -715,6 +724,14 @@ class Agent:
         self._batches_sent += 1
         self._bytes_sent += len(out)
         return True
+
+    async def _send_empty_sync(self, conn: Connection, encoder: BatchEncoder) -> None:
+        first = self._sent_upto + 1
+        batch = encoder.prepare([], first_seq=first, last_seq=first - 1, sync=True)
+        payload = await self._compress(encoder, batch)
+        await conn.send_raw(encode_frame(FrameKind.BATCH, payload))
+        self._batches_sent += 1
+        self._bytes_sent += len(payload) + 5
 
     @staticmethod
     async def _compress(encoder: BatchEncoder, batch: PreparedBatch) -> bytes:

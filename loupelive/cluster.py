@@ -105,6 +105,10 @@ SYNC_REQUEST_INTERVAL: Final = 0.05
 #: Bytes handed to the NATS client and not yet written, for all feeds: beyond
 #: it, feeds skip (cluster_overflow) rather than grow memory.
 MAX_PENDING_PUBLISH: Final = 64 * 1024 * 1024
+#: How long stopping the NATS client's tasks may take (seconds).
+CLOSE_TIMEOUT: Final = 2.0
+#: Bytes nats-py may hold unwritten before our publisher waits for its socket.
+MAX_UNWRITTEN: Final = 4 * 1024 * 1024
 
 GAP_CLUSTER_OVERFLOW: Final = "cluster_overflow"
 
@@ -233,6 +237,11 @@ class NatsBridge:
                 subject, data, on_sent = await self._queue.get()
                 try:
                     await self._nc.publish(subject, data)
+                    if self._unwritten() > MAX_UNWRITTEN:
+                        # NATS (or the network) is not taking it: wait for the
+                        # socket to drain. Meanwhile our queue grows, and feeds
+                        # see it and skip (cluster_overflow) instead.
+                        await self._nc._transport.drain()
                 except Exception as exc:
                     log.warning("cluster: publish on %s failed: %s", subject, exc)
                 self.pending_bytes -= len(data)
@@ -240,8 +249,46 @@ class NatsBridge:
                 if on_sent is not None:
                     on_sent(len(data))
         finally:
+            await self._close_nats()
+
+    async def _close_nats(self) -> None:
+        """Drop the NATS connection, in bounded time, leaving no asyncio task behind.
+
+        nats-py's ``close()`` can wait on a dead server (it swallows the
+        cancellation of its own waits), and a stopping relay must not wait for
+        NATS: the socket is closed and every other asyncio task (nats-py's
+        reader, flusher, pinger, reconnector) cancelled and awaited, as
+        ``asyncio.run`` does, while the loop still runs: trio-asyncio cannot
+        finish a task once its loop has stopped.
+        """
+        import asyncio
+
+        nc = self._nc
+        if nc is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._nc.close(), 2.0)
+                nc._status = nc.CLOSED  # no more reconnecting
+            transport = getattr(nc, "_transport", None)
+            if transport is not None:
+                with contextlib.suppress(Exception):
+                    transport.close()
+        others = asyncio.all_tasks() - {asyncio.current_task()}
+        for task in others:
+            task.cancel()
+        if others:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait(others, timeout=CLOSE_TIMEOUT)
+
+    def _unwritten(self) -> int:
+        """Bytes nats-py holds that have not reached the socket yet.
+
+        nats-py puts no limit on its socket's write buffer, so this is how a
+        stalled NATS server becomes backpressure here.
+        """
+        try:
+            writer = self._nc._transport._io_writer
+            return int(writer.transport.get_write_buffer_size()) + int(self._nc._pending_data_size)
+        except AttributeError:  # another transport (websocket) or a newer nats-py
+            return 0
 
     def _callback(self, handler: Callable[[bytes], None]) -> Any:
         async def callback(msg: Any) -> None:
@@ -298,6 +345,8 @@ class Feed:
     last_seq: int = 0
     skipping: bool = False
     skip_from: int = 0
+    #: A sync point was asked for since the queue drained (see sent()).
+    sync_asked: bool = False
     records_dropped: int = 0
     gaps: int = 0
     bytes_sent: int = 0
@@ -329,7 +378,8 @@ class Feed:
                 renamed = attrs.evolve(header, viewer=watcher_id)
                 self._put(encode_frame(FrameKind.BATCH, renamed.pack() + payload[offset:]))
             return
-        if not self.ids or header.last_seq <= self.last_seq:
+        empty_sync = header.sync and header.count == 0 and header.first_seq == self.last_seq + 1
+        if not self.ids or (header.last_seq <= self.last_seq and not empty_sync):
             return
         if self.skipping:
             if header.sync and self.queued_bytes <= self.budget // 2:
@@ -340,6 +390,7 @@ class Feed:
                 return
         elif self._over_budget():
             self.skipping = True
+            self.sync_asked = False
             self.skip_from = max(header.first_seq, self.last_seq + 1)
             self.records_dropped += header.count
             self.cluster.overflows += 1
@@ -408,6 +459,11 @@ class Feed:
     def sent(self, nbytes: int) -> None:
         self.queued_bytes -= nbytes
         self.bytes_sent += nbytes
+        if self.skipping and not self.sync_asked and self.queued_bytes <= self.budget // 2:
+            # Drained: the sync point asked for when it fell behind may have
+            # passed meanwhile; ask for the next one now.
+            self.sync_asked = True
+            self.session.request_sync()
 
     async def run(self) -> None:
         """Move queued frames to NATS as they come (one task per feed)."""
@@ -586,6 +642,8 @@ class Cluster:
         self._changed = trio.Event()
         self.nursery: trio.Nursery | None = None
         self._inbox_send, self._inbox_receive = trio.open_memory_channel[tuple[str, bytes]](INBOX_SIZE)
+        #: When our own "alive" last came back through NATS.
+        self._self_heard = -math.inf
         self.overflows = 0
         self.gaps_sent = 0
         self.feed_holes = 0
@@ -656,6 +714,10 @@ class Cluster:
 
     def _check_peers(self) -> None:
         deadline = trio.current_time() - self.relay.config.cluster_timeout
+        if not self.bridge.connected or self._self_heard < deadline:
+            # Our own "alive" has not come back either: it is our NATS link
+            # (or NATS) that is silent, not the other relays. Judge nobody.
+            return
         for name, (_epoch, seen) in list(self.peers.items()):
             if seen < deadline:
                 del self.peers[name]
@@ -727,7 +789,10 @@ class Cluster:
     def _on_alive(self, data: bytes) -> None:
         obj = json.loads(data)
         name = str(obj.get("relay", ""))
-        if name == self.name or not name:
+        if name == self.name:
+            self._self_heard = trio.current_time()
+            return
+        if not name:
             return
         epoch = str(obj.get("epoch", ""))
         known = self.peers.get(name)

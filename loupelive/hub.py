@@ -97,6 +97,8 @@ class Subscriber:
     too_lossy: trio.Event = attrs.Factory(trio.Event)
     #: Counted once as a slow-consumer disconnect.
     slow_counted: bool = False
+    #: While skipping: a sync point was asked for since its queue drained.
+    sync_asked: bool = False
     #: Set when its handler is finished (everything queued was written or dropped).
     done: trio.Event = attrs.Factory(trio.Event)
     send_channel: trio.MemorySendChannel[bytes] = attrs.field(init=False)
@@ -207,6 +209,7 @@ class Hub:
             sub.budget,
         )
         sub.state = SubscriberState.SKIPPING
+        sub.sync_asked = False
         sub.skip_from = from_seq
         sub.skipping_since = trio.current_time()
         self.request_sync()
@@ -241,12 +244,19 @@ class Hub:
                 if header.history_end:
                     sub.state = SubscriberState.WAIT_SYNC
             return
+        # An empty sync batch right after what a viewer has (the agent had
+        # nothing new when a sync point was asked for) still starts a new
+        # compression context: it must reach live viewers too.
+        empty_sync = header.sync and header.count == 0 and header.last_seq < header.first_seq
         for sub in self.subscribers.values():
             state = sub.state
             if state is not SubscriberState.PENDING and header.last_seq > sub.last_seq:
                 sub.records_offered += header.count
+            stale = header.last_seq <= sub.last_seq and not (
+                empty_sync and header.first_seq == sub.last_seq + 1
+            )
             if state is SubscriberState.LIVE:
-                if header.last_seq <= sub.last_seq:
+                if stale:
                     continue
                 if sub.over_budget or not sub.put(frame):
                     self._skip(sub, max(header.first_seq, sub.last_seq + 1))
@@ -254,7 +264,7 @@ class Hub:
                 else:
                     sub.last_seq = header.last_seq
             elif state is SubscriberState.WAIT_SYNC:
-                if header.last_seq <= sub.last_seq:
+                if stale:
                     continue
                 if header.sync:
                     self._start_live(sub, header, frame, GAP_STREAM_RESTART)

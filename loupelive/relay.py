@@ -1492,6 +1492,15 @@ class Relay:
                 sub.written(len(data))
                 hub.bytes_out += len(data)
                 self._bytes_out += len(data)
+                if (
+                    sub.state is SubscriberState.SKIPPING
+                    and not sub.sync_asked
+                    and sub.queued_bytes <= sub.budget // 2
+                ):
+                    # Drained: the sync point asked for when it fell behind
+                    # may have passed meanwhile; ask for the next one now.
+                    sub.sync_asked = True
+                    hub.request_sync()
 
 
 async def _coalesced(receive: trio.MemoryReceiveChannel[bytes]) -> AsyncGenerator[tuple[bytes, int], None]:

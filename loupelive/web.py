@@ -383,6 +383,23 @@ class WebClient:
         for item in items:
             if sub.last_seq is not None and item.last_seq <= sub.last_seq:
                 continue
+            if sub.resuming:
+                # The first item after where a resumed tab stopped, whatever
+                # its kind or level: a hole before it is reported.
+                sub.resuming = False
+                if sub.last_seq is not None and item.seq > sub.last_seq + 1:
+                    # Resumed from before what the agent and the tap still hold.
+                    self._flush_records(sub, records, history)
+                    records = []
+                    self.send(
+                        {
+                            "type": "gap",
+                            "sub": sub.sub,
+                            "first_seq": sub.last_seq + 1,
+                            "last_seq": item.seq - 1,
+                            "reason": "history_unavailable",
+                        }
+                    )
             if item.kind == "g":
                 self._flush_records(sub, records, history)
                 records = []
@@ -405,21 +422,6 @@ class WebClient:
                 sub.last_seq = item.seq
                 self.gateway.records_dropped += 1
                 continue
-            if sub.resuming:
-                sub.resuming = False
-                if sub.last_seq is not None and item.seq > sub.last_seq + 1:
-                    # Resumed from before what the agent and the tap still hold.
-                    self._flush_records(sub, records, history)
-                    records = []
-                    self.send(
-                        {
-                            "type": "gap",
-                            "sub": sub.sub,
-                            "first_seq": sub.last_seq + 1,
-                            "last_seq": item.seq - 1,
-                            "reason": "history_unavailable",
-                        }
-                    )
             records.append(item.json)
             sub.last_seq = item.seq
             if len(records) >= RECORDS_PER_MESSAGE:

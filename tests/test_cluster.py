@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -280,3 +281,73 @@ async def test_nats_restart_relays_reconnect_and_the_directory_converges(nursery
                     info = await viewer.wait_for_session("during-outage")
                     assert (info.session_id, info.relay) == (agent.session_id, "A")
                 assert a.cluster.bridge.reconnects >= 1 and b.cluster.bridge.reconnects >= 1
+
+
+async def test_a_stalled_nats_never_blocks_the_owner_and_losses_are_cluster_overflow_gaps(
+    nursery: trio.Nursery,
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with nats_server() as (server, url):
+            a = await start_cluster_relay(nursery, url, "A", viewer_queue_bytes=256 * 1024)
+            c = await start_cluster_relay(nursery, url, "C")
+            await wait_peers(a, c)
+            async with (
+                loupelive.open_agent(
+                    "127.0.0.1",
+                    a.agent_port,
+                    app="flood",
+                    buffer_records=200_000,
+                    buffer_bytes=256 * 1024 * 1024,
+                ) as agent,
+                loupelive.open_viewer("127.0.0.1", a.viewer_port) as local_viewer,
+                loupelive.open_viewer("127.0.0.1", c.viewer_port) as remote_viewer,
+            ):
+                await remote_viewer.wait_for_session("flood")
+                async with (
+                    local_viewer.open_stream(agent.session_id, history=10) as local,
+                    remote_viewer.open_stream(agent.session_id, history=10) as remote,
+                ):
+                    first = agent.log(loupelive.Level.INFO, "start")
+                    assert seqs(await collect(local, 1)) == [first]
+                    assert seqs(await collect(remote, 1)) == [first]
+                    # NATS stops reading (its process is stopped): the owner's
+                    # local viewer still gets everything at once.
+                    server.send_signal(signal.SIGSTOP)
+                    try:
+                        flood = []
+                        for i in range(20_000):
+                            # Incompressible, so the wire carries it all.
+                            flood.append(
+                                agent.log(loupelive.Level.INFO, f"flood {i} " + secrets.token_hex(500))
+                            )
+                            if i % 500 == 0:
+                                await trio.lowlevel.checkpoint()
+                        got = await collect(local, len(flood))
+                        assert seqs(got) == flood
+                        assert a.statistics().cluster["cluster_overflows"] >= 1
+                    finally:
+                        server.send_signal(signal.SIGCONT)
+                    last = agent.log(loupelive.Level.INFO, "after")
+                    # The remote viewer: records and cluster_overflow gaps that
+                    # account for every seq exactly once, in order.
+                    covered: list[int] = []
+                    reasons = set()
+                    async for item in remote:
+                        if isinstance(item, Gap):
+                            covered.extend(range(item.first_seq, item.last_seq + 1))
+                            reasons.add(item.reason)
+                        else:
+                            covered.append(item.seq)
+                        if covered and covered[-1] == last:
+                            break
+                    assert covered == [*flood, last], (
+                        remote.end_code,
+                        remote.end_reason,
+                        c.statistics().cluster,
+                        a.statistics().cluster,
+                    )
+                    # What the owner skipped arrives as cluster_overflow gaps
+                    # (or, if NATS itself dropped messages, is resumed from
+                    # the agent's buffer: then nothing is missing at all).
+                    assert reasons <= {"cluster_overflow"}
+            assert a.statistics().cluster["cluster_overflow_gaps"] >= 1
