@@ -26,7 +26,7 @@ import loupelive
 from loupelive.records import Gap, Record
 
 from .cli_helpers import Child, run_child, start_relay
-from .conftest import test_config
+from .conftest import test_config, wait_until
 
 # Skipped where nats-server is missing, except in CI (which installs it): a
 # silent skip there would hide breakage.
@@ -351,3 +351,37 @@ async def test_a_stalled_nats_never_blocks_the_owner_and_losses_are_cluster_over
                     # the agent's buffer: then nothing is missing at all).
                     assert reasons <= {"cluster_overflow"}
             assert a.statistics().cluster["cluster_overflow_gaps"] >= 1
+
+
+async def test_one_feed_per_watching_relay_and_it_stops_with_the_last_viewer(nursery: trio.Nursery) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with nats_server() as (_server, url):
+            a = await start_cluster_relay(nursery, url, "A", stream_grace=0.2)
+            c = await start_cluster_relay(nursery, url, "C")
+            await wait_peers(a, c)
+            async with (
+                loupelive.open_agent("127.0.0.1", a.agent_port, app="shared") as agent,
+                loupelive.open_viewer("127.0.0.1", c.viewer_port) as viewer,
+            ):
+                await viewer.wait_for_session("shared")
+                session = a.sessions[agent.session_id]
+                async with (
+                    viewer.open_stream(agent.session_id, history=10) as first,
+                    viewer.open_stream(agent.session_id, history=10) as second,
+                ):
+                    seq = agent.log(loupelive.Level.INFO, "for both")
+                    assert seqs(await collect(first, 1)) == [seq]
+                    assert seqs(await collect(second, 1)) == [seq]
+                    # Two viewers on C, one feed from A to C.
+                    assert list(session.hub.feeds) == ["C"]
+                    assert len(session.hub.feeds["C"].ids) == 2
+                    assert session.public_info().viewers == 2
+                    sent = session.hub.feeds["C"].bytes_sent
+                    more = [agent.log(loupelive.Level.INFO, f"more {i}") for i in range(50)]
+                    assert seqs(await collect(first, 50)) == more
+                    assert seqs(await collect(second, 50)) == more
+                    # Each batch crossed NATS once, not once per viewer.
+                    assert session.hub.feeds["C"].bytes_sent - sent < session.hub.bytes_in * 1.5
+                # The last viewer left: the feed goes, then the stream stops.
+                await wait_until(lambda: not session.hub.feeds and session.data_conn is None)
+                assert agent.statistics().streaming is False
