@@ -506,21 +506,7 @@ class RemoteSession:
         return self.info
 
     def counts_entry(self) -> CountsEntry:
-        from .messages import Counts
-
-        info = self.info
-        return CountsEntry(
-            session_id=info.session_id,
-            counts=Counts(
-                records=info.records,
-                critical=info.critical,
-                errors=info.errors,
-                warnings=info.warnings,
-                last_record_at=info.last_record_at,
-            ),
-            clock_offset=info.clock_offset,
-            rtt=info.rtt,
-        )
+        return CountsEntry.of(self.info)
 
     def command(self, message: AddViewer | dict[str, Any]) -> None:
         obj = message if isinstance(message, dict) else {"kind": "add", **message.to_json()}

@@ -680,6 +680,22 @@ class CountsEntry:
         return obj
 
     @classmethod
+    def of(cls, info: SessionInfo) -> CountsEntry:
+        """A session's counters and clock estimate, from its information."""
+        return cls(
+            session_id=info.session_id,
+            counts=Counts(
+                records=info.records,
+                critical=info.critical,
+                errors=info.errors,
+                warnings=info.warnings,
+                last_record_at=info.last_record_at,
+            ),
+            clock_offset=info.clock_offset,
+            rtt=info.rtt,
+        )
+
+    @classmethod
     def from_json(cls, obj: object) -> CountsEntry:
         if not isinstance(obj, dict):
             raise _bad("counts entries must be objects")

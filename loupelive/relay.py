@@ -64,7 +64,6 @@ from .messages import (
     VIEWER_ROLES,
     Accept,
     AddViewer,
-    Counts,
     CountsEntry,
     GapNotice,
     GetStats,
@@ -412,19 +411,7 @@ class Session:
         self.relay._counts_changed(self)
 
     def counts_entry(self) -> CountsEntry:
-        info = self.info
-        return CountsEntry(
-            session_id=info.session_id,
-            counts=Counts(
-                records=info.records,
-                critical=info.critical,
-                errors=info.errors,
-                warnings=info.warnings,
-                last_record_at=info.last_record_at,
-            ),
-            clock_offset=info.clock_offset,
-            rtt=info.rtt,
-        )
+        return CountsEntry.of(self.info)
 
     def command(self, message: Message) -> None:
         """Queue a command for the agent; drops the agent if it is not reading."""
