@@ -628,6 +628,7 @@ class Cluster:
         self._changed = trio.Event()
         self.nursery: trio.Nursery | None = None
         self._inbox_send, self._inbox_receive = trio.open_memory_channel[tuple[str, bytes]](INBOX_SIZE)
+        self._remote_full_logged = False
         #: When our own "alive" last came back through NATS.
         self._self_heard = -math.inf
         self.overflows = 0
@@ -842,6 +843,12 @@ class Cluster:
         remote = self.remote.get(session_id)
         if remote is None:
             if len(self.remote) >= self.relay.config.max_sessions:
+                if not self._remote_full_logged:
+                    self._remote_full_logged = True
+                    log.warning(
+                        "cluster: %d sessions of other relays held (max_sessions); more are not listed here",
+                        len(self.remote),
+                    )
                 return
             remote = RemoteSession(cluster=self, info=info, owner=owner, owner_epoch=epoch)
             self.remote[session_id] = remote

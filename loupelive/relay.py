@@ -407,8 +407,10 @@ class Session:
         offset = ((heartbeat.time - heartbeat.echo) + (heartbeat.time + heartbeat.hold - received)) / 2
         self.clock_samples.append((rtt, offset))
         best_rtt, best_offset = min(self.clock_samples)
-        self.info = attrs.evolve(self.info, clock_offset=best_offset, rtt=best_rtt)
-        self.relay._counts_changed(self)
+        if (best_offset, best_rtt) != (self.info.clock_offset, self.info.rtt):
+            # Only a better estimate is news for the viewers' lists.
+            self.info = attrs.evolve(self.info, clock_offset=best_offset, rtt=best_rtt)
+            self.relay._counts_changed(self)
 
     def counts_entry(self) -> CountsEntry:
         return CountsEntry.of(self.info)
@@ -788,8 +790,8 @@ class Relay:
             own = [s.counts_entry() for s in dirty if s.session_id in self.sessions]
             if own:
                 self.cluster.publish_counts(own)
-        if not self._listeners:
-            return
+        if all(listener.paused for listener in self._listeners):
+            return  # nobody to tell (paused viewers get a snapshot on resume)
         frames = self._counts_frames(dirty) if dirty else b""
         full: bytes | None = None
         for listener in self._listeners:

@@ -4,8 +4,9 @@
 ::
 
     python scripts/loadtest.py --agents N [--watched K] [--viewers-per-session M]
-        [--stalled-viewers X] [--mode bulk|trickle|idle] [--rate R] [--seconds S]
+        [--stalled-viewers X] [--mode bulk|trickle|idle] [--rate R] [--unwatched-rate U] [--seconds S]
         [--corpus DIR] [--relay HOST:PORT [--viewer-port P]] [--tls [--ca FILE]]
+        [--relays R --cluster [--no-single] [--nats-server PATH]] [--settle S] [--pause-lists]
         [--agent-procs P] [--viewer-procs V] [--json PATH]
 
 What runs
@@ -40,6 +41,30 @@ What runs
   last seqs (so their catching up costs the measurement nothing), to check
   what the relay told them (gaps, ``slow_consumer``); they are reported apart
   and kept out of the delivered/latency figures.
+  Every viewer also holds the relay's session list, as any viewer does: it
+  gets the list updates (SESSION_COUNTS once a second for every session
+  whose counters changed) on its control connection, unless
+  ``--pause-lists`` (``Viewer.pause_list()`` once its stream is open; the
+  coordinator's own statistics viewers, one per relay, pause theirs before
+  the measurement).
+* **Cluster** (``--relays R --cluster``, R ≥ 2).  The same workload twice:
+  first on one relay as above (``--no-single`` skips it), then on R relays
+  joined over NATS.  For the second run the script starts one ``nats-server``
+  (``--nats-server``, else from PATH or /usr/sbin) on 127.0.0.1 with client
+  and monitoring ports of its choosing (``-p -1 -m -1``), ready once it says
+  "Server is ready" on stderr, and R relays ``serve … --cluster
+  nats://127.0.0.1:PORT --relay-name rN``.  Agent *i* registers with relay
+  *i* mod R; the viewers of session *i* connect to relay (*i* + 1) mod R, so
+  every stream crosses NATS (one feed per session: all of a session's viewers
+  are on one relay).  Before the agents start, every relay must list every
+  other as a peer (``cluster.peers`` in its statistics); after they register,
+  every relay must list every session of the run (the directory has
+  converged; each is timed).  A hidden worker (``--worker nats-tap``,
+  nats-py under trio-asyncio) subscribes to everything but the feeds
+  (``P.alive``, ``P.dir``, ``P.sync``, ``P.ctl.*``) and counts messages and
+  bytes by kind over the measurement.  Every check below applies to both
+  runs unchanged; the run fails if either fails.  No plain fan-out baseline
+  is run with ``--cluster``.
 
 Modes
 -----
@@ -54,16 +79,24 @@ Modes
     and counted as lost.
 ``trickle``
     every watched agent logs R records/s (``--rate``), each session with a
-    random phase.
+    random phase.  With ``--unwatched-rate U`` the sessions nobody watches log
+    U records/s as well: nobody receives those records, but their agents
+    report their counters (at most once a second), which the relay passes to
+    viewers' lists and, in a cluster, publishes to every relay; the idle
+    figures are then null.
 ``idle``
     nobody watches (K = 0): the sessions are registered and only heartbeats
     flow; N may be 10,000 (check the open-file limit; see below).
 
 Sequence of a run
 -----------------
-agents register → viewers subscribe → warm-up: every watched agent logs one
-probe record (logger ``loadtest.probe``) every 0.1 s until every viewer has
-received one (so every viewer is live) → **go**: the agents start at the same
+(cluster: nats-server and relays up → every relay hears its peers →) agents
+register (→ cluster: every relay lists every session) → viewers subscribe →
+warm-up: every watched agent logs one probe record (logger
+``loadtest.probe``) every 0.1 s until every viewer has received one (so
+every viewer is live) → ``--settle`` seconds (default 0: none; a few seconds
+keep the relay's first clock probes, four in the first 2 s of every agent
+connection, and the list updates they cause out of the window) → **go**: the agents start at the same
 wall-clock instant and log for S seconds → each agent reports its seq range
 → viewers read until they have covered the last seq of their session (bounded
 by ``--drain-timeout``) → everything is closed and the relay stopped.  The
@@ -74,8 +107,10 @@ Checks (the run exits 1 if any fails)
 --------------------------------------
 Every viewer checks its stream item by item: every seq exactly once and in
 order, either as a record or inside a gap.  Gaps with reasons
-``agent_overflow``, ``viewer_slow``, ``history_unavailable`` and
-``stream_restart`` are legitimate and counted by reason.  A ``Gap(…,
+``agent_overflow``, ``viewer_slow``, ``history_unavailable``,
+``stream_restart`` and (in a cluster) ``cluster_overflow`` are legitimate and
+counted by reason (``cluster_overflow_gaps`` / ``cluster_overflow_seqs``
+apart as well).  A ``Gap(…,
 "missing")`` (the viewer client's word for a hole nobody explained), any other
 reason, a hole without a gap, a duplicate or a step back is an error, as is an
 active viewer that had not covered its session's last seq when the drain
@@ -121,6 +156,29 @@ Figures (``--json`` writes them as one object)
     disconnects, rejections), asked over a viewer connection of the
     coordinator's (``Viewer.statistics()``), at go and at the end of delivery;
     null where the relay does not answer.
+``cluster`` (cluster runs; null otherwise)
+    over the measurement (go → end of delivery), from each relay's
+    ``statistics().cluster`` at go and at the end: ``statistics`` (summed
+    deltas of ``feed_bytes_out``, ``feed_bytes_in``, ``cluster_overflow_gaps``,
+    ``feed_holes``, ``nats_inbox_drops``, ``nats_reconnects``, …);
+    ``feed_bytes_out_per_delivered_record`` = Σ ``feed_bytes_out`` / records
+    delivered (bytes crossing NATS per record: feed messages with their 11-byte
+    head and session id; with M viewers per session on the watching relay one
+    copy serves all M); ``nats_server``: its CPU seconds and peak RSS
+    (``/proc``) and the ``/varz`` counters (``in_bytes``: payload published,
+    ``out_bytes``: payload delivered, to every subscriber, the tap included),
+    ``other_in_bytes`` = ``in_bytes`` − feeds; ``directory``: the tap's
+    counts by kind (``alive``, ``dir.counts``, ``dir.session``,
+    ``dir.snapshot``, ``ctl.add``, …), bytes as published once (NATS then
+    delivers each to every relay), B per counts entry and per alive;
+    ``setup``: ``peers_s`` and ``directory_s`` (last registration → every
+    list complete); ``per_relay``: agents, viewers, CPU, RSS (baseline with
+    NATS connected, after registration, peak) and its own deltas.  The
+    top-level figures are the cluster run's: ``relay_cpu_s`` and the RSS
+    figures are sums over the R relays, ``relay_rss_kb_per_session`` is
+    (Σ peak − Σ baseline) / N.  ``single`` holds the single-relay run's
+    results (same shape) and ``comparison`` sets the main figures side by
+    side: ``{"single", "cluster", "cluster_over_single"}`` each.
 ``idle_bytes_per_s_per_session``
     **Method:** application bytes in both directions on the agents' control
     connections (``Connection.bytes_sent + bytes_received`` of
@@ -170,6 +228,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import logging
 import math
@@ -205,7 +264,13 @@ from loupelive.messages import Heartbeat, encode_message
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
 APP: Final = "loadtest"
 PROBE_LOGGER: Final = "loadtest.probe"
-LEGIT_GAP_REASONS: Final = ("agent_overflow", "viewer_slow", "history_unavailable", "stream_restart")
+LEGIT_GAP_REASONS: Final = (
+    "agent_overflow",
+    "viewer_slow",
+    "history_unavailable",
+    "stream_restart",
+    "cluster_overflow",
+)
 MODES: Final = ("bulk", "trickle", "idle")
 #: Items a viewer's consumer takes between two yields to the Trio scheduler
 #: (``--consumer-yield``, hidden; 0: never yield explicitly).
@@ -237,6 +302,13 @@ FD_SLACK: Final = 64
 SEGMENT_OVERHEAD: Final = 52
 #: The relay refuses more viewer control connections than this by default.
 RELAY_MAX_VIEWER_CONNECTIONS: Final = 10_000
+#: Bounds on starting the cluster: nats-server ready, every relay hearing every other.
+NATS_READY_TIMEOUT: Final = 30.0
+PEERS_TIMEOUT: Final = 60.0
+#: How often the coordinator asks the relays whether they see their peers yet.
+PEERS_POLL: Final = 0.05
+#: Where nats-server may be when it is not on PATH (Debian puts it in /usr/sbin).
+NATS_SERVER_FALLBACKS: Final = ("/usr/sbin/nats-server", "/usr/local/bin/nats-server")
 
 JSON = dict[str, Any]
 LogArgs = tuple[int, str, str, str, str | None, dict[str, str]]
@@ -477,6 +549,8 @@ class LocalAgent:
     session_id: str
     watched: bool
     planned_id: str = ""
+    #: Which relay it registers with (an index into the config's ``relays``).
+    relay: int = 0
     replay: Replay | None = None
     offset: int = 0
     agent: loupelive.Agent | None = None
@@ -572,12 +646,18 @@ async def _trickle(local: LocalAgent, start_at: float, end_at: float, rate: floa
 
 async def agents_worker(cfg: JSON) -> None:
     mode: str = cfg["mode"]
-    local = [LocalAgent(index, sid, watched, sid) for index, sid, watched in cfg["agents"]]
+    local = [
+        LocalAgent(index, sid, watched, sid, relay=relay) for index, sid, watched, relay in cfg["agents"]
+    ]
     watched = [a for a in local if a.watched]
+    unwatched_rate: float = cfg.get("unwatched_rate", 0.0)
+    # With --unwatched-rate the sessions nobody watches log too (their
+    # records only feed their counters and ring buffers).
+    logging_unwatched = [a for a in local if not a.watched] if unwatched_rate else []
     source = ""
-    if watched:
+    if watched or logging_unwatched:
         replay, source = load_replay(cfg["corpus"])
-        for a in watched:
+        for a in watched + logging_unwatched:
             a.replay = replay
             a.offset = a.index * REPLAY_STRIDE % len(replay.args)
     limiter = trio.Semaphore(CONNECT_CONCURRENCY)
@@ -612,7 +692,7 @@ async def agents_worker(cfg: JSON) -> None:
         try:
             async with loupelive.open_agent(
                 cfg["host"],
-                cfg["agent_port"],
+                cfg["relays"][a.relay][0],
                 app=APP,
                 app_version=cfg["run_id"],
                 session_id=a.session_id,
@@ -652,6 +732,8 @@ async def agents_worker(cfg: JSON) -> None:
                         loggers.start_soon(_bulk, a, end_at)
                     elif mode == "trickle":
                         loggers.start_soon(_trickle, a, start_at, end_at, rate)
+                for a in logging_unwatched:
+                    loggers.start_soon(_trickle, a, start_at, end_at, unwatched_rate)
                 await sleep_until_wall(end_at)
             outer.cancel_scope.cancel()
         window = time.time() - window_start
@@ -722,6 +804,8 @@ class ViewerState:
     index: int
     session_id: str
     stalled: bool
+    #: Which relay it watches from (an index into the config's ``relays``).
+    relay: int = 0
     covered: int | None = None
     delivered: int = 0
     duplicates: int = 0
@@ -814,7 +898,7 @@ class ViewerState:
 
 
 async def viewers_worker(cfg: JSON) -> None:
-    states = [ViewerState(index, sid, stalled) for index, sid, stalled in cfg["viewers"]]
+    states = [ViewerState(index, sid, stalled, relay=relay) for index, sid, stalled, relay in cfg["viewers"]]
     consumer_yield: int = cfg["consumer_yield"]
     active = [s for s in states if not s.stalled]
     stalled = [s for s in states if s.stalled]
@@ -856,7 +940,7 @@ async def viewers_worker(cfg: JSON) -> None:
                     viewer = await stack.enter_async_context(
                         loupelive.open_viewer(
                             cfg["host"],
-                            cfg["viewer_port"],
+                            cfg["relays"][state.relay][1],
                             tls=cfg["tls"],
                             ca_file=cfg["ca_file"],
                             connector=source_connector(cfg, "viewer", state.index),
@@ -864,6 +948,8 @@ async def viewers_worker(cfg: JSON) -> None:
                     )
                     await viewer.wait_sessions(lambda ss: any(s.session_id == state.session_id for s in ss))
                     stream = await stack.enter_async_context(viewer.open_stream(state.session_id))
+                    if cfg["pause_lists"]:
+                        await viewer.pause_list()
                 state.opened = True
                 opened += 1
                 if opened == len(states):
@@ -1068,7 +1154,80 @@ async def plain_recv_worker(cfg: JSON) -> None:
         nursery.cancel_scope.cancel()
 
 
+# -- the NATS tap (cluster runs) ------------------------------------------------------------------
+
+
+def _tap_kind(prefix: str, subject: str, data: bytes, entries: Counter[str]) -> str:
+    """What a cluster message is: alive, sync, dir.<kind> or ctl.<kind> (entries counted)."""
+    rest = subject[len(prefix) + 1 :]
+    if rest == "dir" or rest.startswith("ctl."):
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return f"{rest.split('.')[0]}.?"
+        kind = str(obj.get("kind"))
+        if rest == "dir":
+            if kind == "counts":
+                entries["dir.counts"] += len(obj.get("counts", []))
+            elif kind == "snapshot":
+                entries["dir.snapshot"] += len(obj.get("sessions", []))
+            return f"dir.{kind}"
+        return f"ctl.{kind}"
+    return rest
+
+
+async def nats_tap_worker(cfg: JSON) -> None:
+    """Count the cluster's messages other than feeds (alive, directory, sync, ctl), by kind.
+
+    A NATS client of its own (nats-py under trio-asyncio, as in the relays),
+    subscribed to everything but ``P.feed.*``: feeds are counted by the
+    relays themselves, and tapping them would double their NATS traffic.
+    """
+    import nats
+    import trio_asyncio
+
+    prefix: str = cfg["prefix"]
+    msgs: Counter[str] = Counter()
+    sizes: Counter[str] = Counter()
+    entries: Counter[str] = Counter()
+
+    async def on_message(msg: Any) -> None:
+        kind = _tap_kind(prefix, msg.subject, msg.data, entries)
+        msgs[kind] += 1
+        sizes[kind] += len(msg.data)
+
+    commands = stdin_commands()
+    async with trio_asyncio.open_loop():
+        nc = await trio_asyncio.aio_as_trio(nats.connect)(cfg["url"], name="loupelive loadtest tap")
+        for subject in ("alive", "dir", "sync", "ctl.*"):
+            await trio_asyncio.aio_as_trio(nc.subscribe)(f"{prefix}.{subject}", cb=on_message)
+        await trio_asyncio.aio_as_trio(nc.flush)()
+        emit({"event": "ready"})
+        start: tuple[Counter[str], Counter[str], Counter[str], float] | None = None
+        while (cmd := await commands.read()) is not None:
+            if cmd["cmd"] == "start":
+                start = (Counter(msgs), Counter(sizes), Counter(entries), time.time())
+            elif cmd["cmd"] == "stop" and start is not None:
+                await trio_asyncio.aio_as_trio(nc.flush)()
+                emit(
+                    {
+                        "event": "window",
+                        "seconds": time.time() - start[3],
+                        "msgs": dict(msgs - start[0]),
+                        "bytes": dict(sizes - start[1]),
+                        "entries": dict(entries - start[2]),
+                        "msgs_total": dict(msgs),
+                        "bytes_total": dict(sizes),
+                    }
+                )
+            elif cmd["cmd"] == "finish":
+                break
+        with contextlib.suppress(Exception):
+            await trio_asyncio.aio_as_trio(nc.close)()
+
+
 WORKERS: Final[dict[str, Callable[[JSON], Awaitable[None]]]] = {
+    "nats-tap": nats_tap_worker,
     "agents": agents_worker,
     "viewers": viewers_worker,
     "plain-relay": plain_relay_worker,
@@ -1195,6 +1354,15 @@ async def wait_process(
     return popen.poll()
 
 
+async def _wait_exit(popen: subprocess.Popen[bytes]) -> None:
+    """Return once ``popen`` has exited (a pidfd becomes readable)."""
+    pidfd = os.pidfd_open(popen.pid)
+    try:
+        await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
+
+
 async def gather(workers: Sequence[Worker], event: str, within: float, what: str) -> list[JSON]:
     """Wait for ``event`` from every worker (for at most ``within`` seconds)."""
     results: list[JSON] = [{} for _ in workers]
@@ -1221,7 +1389,7 @@ async def broadcast(workers: Sequence[Worker], cmd: str, **fields: Any) -> None:
 
 @attrs.define
 class RelayProcess:
-    """The relay under test: ours (``popen``) or an existing one."""
+    """A relay under test: ours (``popen``) or an existing one."""
 
     host: str
     agent_port: int
@@ -1229,6 +1397,8 @@ class RelayProcess:
     pid: int | None
     popen: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    #: Its name in the cluster (``--relay-name``); empty for a relay on its own.
+    name: str = ""
 
 
 def make_tls_files(run_dir: Path) -> tuple[Path, Path, Path]:
@@ -1248,34 +1418,199 @@ def make_tls_files(run_dir: Path) -> tuple[Path, Path, Path]:
     return cert_path, key_path, ca_path
 
 
-def start_relay(run_dir: Path, tls: tuple[Path, Path, Path] | None) -> RelayProcess:
-    ready = run_dir / "relay-ready.json"
-    log_path = run_dir / "relay.log"
-    argv = [sys.executable, "-m", "loupelive", "--log-level", "INFO", "serve"]
-    argv += ["--host", "127.0.0.1", "--agent-port", "0", "--viewer-port", "0", "--ready-file", str(ready)]
-    if tls is not None:
-        argv += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
+def start_relays(
+    run_dir: Path, tls: tuple[Path, Path, Path] | None, names: Sequence[str], cluster: str | None
+) -> list[RelayProcess]:
+    """Relay subprocesses, started together; each one's ready file waited for.
+
+    ``names`` empty-string: one relay on its own (no cluster).  Otherwise each
+    relay joins ``cluster`` (a NATS URL) under its name.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOUPELIVE_")}
-    with log_path.open("wb") as log_file:
-        popen = _procs.spawn(
-            argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, deathsig=signal.SIGTERM, env=env
-        )
+    started: list[tuple[str, subprocess.Popen[bytes], Path, Path]] = []
+    for name in names:
+        stem = f"relay-{name}" if name else "relay"
+        ready = run_dir / f"{stem}-ready.json"
+        log_path = run_dir / f"{stem}.log"
+        argv = [sys.executable, "-m", "loupelive", "--log-level", "INFO", "serve"]
+        argv += ["--host", "127.0.0.1", "--agent-port", "0", "--viewer-port", "0", "--ready-file", str(ready)]
+        if tls is not None:
+            argv += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
+        if cluster is not None:
+            argv += ["--cluster", cluster, "--relay-name", name]
+        with log_path.open("wb") as log_file:
+            popen = _procs.spawn(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+                deathsig=signal.SIGTERM,
+                env=env,
+            )
+        started.append((name, popen, ready, log_path))
     deadline = time.monotonic() + 30.0
-    while not ready.exists():
-        if popen.poll() is not None:
-            raise RunFailed(f"the relay exited with status {popen.returncode}:\n{_tail(log_path)}")
-        if time.monotonic() > deadline:
-            raise RunFailed(f"the relay did not write {ready} within 30 s:\n{_tail(log_path)}")
-        time.sleep(0.02)
-    info = json.loads(ready.read_text())
-    return RelayProcess(
-        host="127.0.0.1",
-        agent_port=info["agent_port"],
-        viewer_port=info["viewer_port"],
-        pid=info["pid"],
-        popen=popen,
-        log_path=log_path,
+    relays: list[RelayProcess] = []
+    for name, popen, ready, log_path in started:
+        what = f"the relay {name}" if name else "the relay"
+        while not ready.exists():
+            if popen.poll() is not None:
+                raise RunFailed(f"{what} exited with status {popen.returncode}:\n{_tail(log_path)}")
+            if time.monotonic() > deadline:
+                raise RunFailed(f"{what} did not write {ready} within 30 s:\n{_tail(log_path)}")
+            time.sleep(0.02)
+        info = json.loads(ready.read_text())
+        relays.append(
+            RelayProcess(
+                host="127.0.0.1",
+                agent_port=info["agent_port"],
+                viewer_port=info["viewer_port"],
+                pid=info["pid"],
+                popen=popen,
+                log_path=log_path,
+                name=name,
+            )
+        )
+    return relays
+
+
+@attrs.define
+class NatsProcess:
+    """The ``nats-server`` of a cluster run (ours), with its client and monitoring ports."""
+
+    popen: subprocess.Popen[bytes]
+    port: int
+    monitor_port: int
+    log_path: Path
+    version: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+
+def find_nats_server(explicit: str | None) -> str | None:
+    """``--nats-server``, else ``nats-server`` on PATH, else the usual places."""
+    if explicit:
+        return explicit if os.access(explicit, os.X_OK) else None
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    return next((p for p in NATS_SERVER_FALLBACKS if os.access(p, os.X_OK)), None)
+
+
+async def start_nats(nursery: trio.Nursery, run_dir: Path, executable: str) -> NatsProcess:
+    """One ``nats-server`` on 127.0.0.1, client and monitoring ports chosen by it (``-1``).
+
+    Ready once it says "Server is ready" on stderr; its stderr keeps going to
+    ``nats-server.log`` (a task in ``nursery``) until it exits.
+    """
+    log_path = run_dir / "nats-server.log"
+    popen = _procs.spawn(
+        [executable, "-a", "127.0.0.1", "-p", "-1", "-m", "-1"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
+    assert popen.stderr is not None
+    stderr = trio.lowlevel.FdStream(os.dup(popen.stderr.fileno()))
+    popen.stderr.close()
+    try:
+        with trio.fail_after(NATS_READY_TIMEOUT):
+            found: JSON = await nursery.start(_pump_nats_log, stderr, log_path)
+    except trio.TooSlowError:
+        raise RunFailed(
+            f"nats-server did not say 'Server is ready' within {NATS_READY_TIMEOUT:g} s:\n{_tail(log_path)}"
+        ) from None
+    if "port" not in found or "monitor_port" not in found:
+        raise RunFailed(f"nats-server did not say which ports it listens on:\n{_tail(log_path)}")
+    return NatsProcess(popen, found["port"], found["monitor_port"], log_path, found.get("version", ""))
+
+
+async def _pump_nats_log(
+    stream: trio.abc.ReceiveStream, log_path: Path, *, task_status: trio.TaskStatus[JSON]
+) -> None:
+    """Copy nats-server's stderr to its log; report its ports when it is ready."""
+    found: JSON = {}
+    started = False
+    buffer = bytearray()
+    with log_path.open("wb") as log_file:
+        while True:
+            try:
+                data = await stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                break
+            log_file.write(data)
+            log_file.flush()
+            if started:
+                continue
+            buffer += data
+            *lines, rest = bytes(buffer).split(b"\n")
+            buffer = bytearray(rest)
+            for raw in lines:
+                line = raw.decode(errors="replace")
+                if "Listening for client connections on " in line:
+                    found["port"] = int(line.rsplit(":", 1)[1])
+                elif "Starting http monitor on " in line:
+                    found["monitor_port"] = int(line.rsplit(":", 1)[1])
+                elif "Version:" in line:
+                    found["version"] = line.split("Version:", 1)[1].strip()
+                elif "Server is ready" in line and not started:
+                    started = True
+                    task_status.started(found)
+    await stream.aclose()
+    if not started:
+        raise RunFailed(f"nats-server exited before it was ready:\n{_tail(log_path)}")
+
+
+async def nats_varz(nats: NatsProcess | None) -> JSON | None:
+    """The server's counters (``/varz`` of its monitoring port), or None."""
+    if nats is None:
+        return None
+    import urllib.request
+
+    def fetch() -> JSON:
+        url = f"http://127.0.0.1:{nats.monitor_port}/varz"
+        with urllib.request.urlopen(url, timeout=5.0) as response:
+            value = json.loads(response.read())
+        assert isinstance(value, dict)
+        return value
+
+    try:
+        return await trio.to_thread.run_sync(fetch)
+    except (OSError, ValueError):
+        return None
+
+
+NATS_COUNTERS: Final = ("in_msgs", "out_msgs", "in_bytes", "out_bytes", "slow_consumers")
+
+
+def analyze_nats_log(path: Path | None) -> JSON:
+    """Counts of nats-server's log lines that matter here."""
+    if path is None:
+        return {}
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return {}
+    patterns = {"slow_consumers": "Slow Consumer", "errors": "[ERR]", "warnings": "[WRN]"}
+    counts = {key: sum(1 for line in lines if pattern in line) for key, pattern in patterns.items()}
+    samples = [line for line in lines if "[ERR]" in line or "Slow Consumer" in line][:10]
+    return {**counts, "lines": len(lines), "samples": samples}
+
+
+def analyze_relay_logs(paths: Sequence[Path | None]) -> JSON:
+    """Counts of the relays' log lines that matter here (our relays only), summed."""
+    total: JSON = {}
+    for path in paths:
+        one = analyze_relay_log(path)
+        for key, value in one.items():
+            if key == "error_samples":
+                total[key] = (total.get(key, []) + value)[:10]
+            else:
+                total[key] = total.get(key, 0) + value
+    return total
 
 
 def analyze_relay_log(path: Path | None) -> JSON:
@@ -1283,7 +1618,9 @@ def analyze_relay_log(path: Path | None) -> JSON:
     if path is None:
         return {}
     patterns = {
-        "skips": "is behind",
+        "skips": "viewer ",  # with "is behind", below
+        "feed_skips": "cluster: feed of session",  # with "is behind"
+        "feed_holes": "lost messages",
         "catch_ups": "caught up at seq",
         "slow_consumer_disconnects": "disconnected: slow consumer",
         "stalled_writes": "peer stopped reading",
@@ -1300,7 +1637,7 @@ def analyze_relay_log(path: Path | None) -> JSON:
         return {}
     for line in lines:
         for key, pattern in patterns.items():
-            if pattern in line:
+            if pattern in line and (key not in ("skips", "feed_skips") or "is behind" in line):
                 counts[key] += 1
         if (" ERROR " in line or "Traceback" in line) and len(samples) < 10:
             samples.append(line)
@@ -1325,22 +1662,39 @@ def worker_log_warnings(paths: Sequence[Path]) -> JSON:
 
 
 class Monitor:
-    """Samples the relay (and the workers) from /proc while the run lasts."""
+    """Samples the relays (and the workers) from /proc while the run lasts.
 
-    def __init__(self, relay_pid: int | None) -> None:
-        self.relay_pid = relay_pid
+    With several relays, a sample is their sum (RSS, peak RSS, CPU), and
+    ``peak_rss_kb`` the highest sum sampled; ``each`` holds the last sample
+    of every relay and ``peak_each`` each one's highest RSS.
+    """
+
+    def __init__(self, relay_pids: Sequence[int]) -> None:
+        self.relay_pids = list(relay_pids)
         self.peak_rss_kb = 0
         self.last: _procs.ProcSample | None = None
+        self.each: dict[int, _procs.ProcSample] = {}
+        self.peak_each: dict[int, int] = {}
         self.workers: dict[int, _procs.ProcSample] = {}
         self.worker_pids: list[int] = []
 
     def sample(self) -> _procs.ProcSample | None:
-        if self.relay_pid is None:
+        if not self.relay_pids:
             return None
-        sample = _procs.proc_sample(self.relay_pid)
-        if sample is not None:
-            self.last = sample
-            self.peak_rss_kb = max(self.peak_rss_kb, sample.rss_kb)
+        each = {pid: _procs.proc_sample(pid) for pid in self.relay_pids}
+        samples = {pid: s for pid, s in each.items() if s is not None}
+        if len(samples) < len(each):
+            return None
+        self.each = samples
+        for pid, one in samples.items():
+            self.peak_each[pid] = max(self.peak_each.get(pid, 0), one.rss_kb)
+        sample = _procs.ProcSample(
+            rss_kb=sum(s.rss_kb for s in samples.values()),
+            hwm_kb=sum(s.hwm_kb for s in samples.values()),
+            cpu_s=sum(s.cpu_s for s in samples.values()),
+        )
+        self.last = sample
+        self.peak_rss_kb = max(self.peak_rss_kb, sample.rss_kb)
         return sample
 
     def sample_workers(self) -> None:
@@ -1372,21 +1726,37 @@ class Plan:
     agent_procs: int
     viewer_procs: int
     session_ids: list[str]
+    #: Relays the clients are spread over (a cluster when more than one).
+    relays: int = 1
 
     @property
     def active_per_session(self) -> int:
         return self.viewers_per_session - self.stalled_per_session
 
-    def agent_specs(self, proc: int) -> list[tuple[int, str, bool]]:
+    def for_relays(self, relays: int, tag: str) -> Plan:
+        """The same workload over ``relays`` relays, with session ids of its own."""
+        run_id = f"{self.run_id}{tag}"
+        return attrs.evolve(
+            self,
+            run_id=run_id,
+            relays=relays,
+            session_ids=[f"{APP}-{run_id}-{i:05d}" for i in range(self.agents)],
+        )
+
+    def agent_specs(self, proc: int) -> list[tuple[int, str, bool, int]]:
+        """(index, session id, watched, relay): agent i registers with relay i mod R."""
         return [
-            (i, self.session_ids[i], i < self.watched) for i in range(proc, self.agents, self.agent_procs)
+            (i, self.session_ids[i], i < self.watched, i % self.relays)
+            for i in range(proc, self.agents, self.agent_procs)
         ]
 
-    def viewer_specs(self) -> list[tuple[int, str, bool]]:
-        specs: list[tuple[int, str, bool]] = []
+    def viewer_specs(self) -> list[tuple[int, str, bool, int]]:
+        """(index, session id, stalled, relay): session i is watched from relay (i + 1) mod R."""
+        specs: list[tuple[int, str, bool, int]] = []
         for s in range(self.watched):
+            relay = (s + 1) % self.relays
             for j in range(self.viewers_per_session):
-                specs.append((len(specs), self.session_ids[s], j < self.stalled_per_session))
+                specs.append((len(specs), self.session_ids[s], j < self.stalled_per_session, relay))
         return specs
 
 
@@ -1418,37 +1788,61 @@ class Progress:
 
 
 class Coordinator:
-    def __init__(self, args: argparse.Namespace, plan: Plan, run_dir: Path) -> None:
+    """One run of the workload: our relay (or ``relays`` of them in a cluster), agents, viewers."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        plan: Plan,
+        run_dir: Path,
+        *,
+        cluster: bool = False,
+        tls_files: tuple[Path, Path, Path] | None = None,
+    ) -> None:
         self.args = args
         self.plan = plan
         self.run_dir = run_dir
+        self.cluster = cluster
+        self.tls_files = tls_files
         self.out = Progress()
-        self.relay: RelayProcess | None = None
-        self.monitor = Monitor(None)
+        self.relays: list[RelayProcess] = []
+        self.nats: NatsProcess | None = None
+        self.monitor = Monitor([])
         self.agent_workers: list[Worker] = []
         self.viewer_workers: list[Worker] = []
+        #: Counts the cluster's messages that are not feeds (cluster runs).
+        self.tap: Worker | None = None
         self.results: JSON = {}
-        self.tls_ca: str | None = args.ca
+        self.tls_ca: str | None = str(tls_files[2]) if tls_files else args.ca
         self.corpus_source = ""
         self.go_at = 0.0
         self.stopped: list[JSON] = []
-        self.stats_viewer: loupelive.Viewer | None = None
+        self.stats_viewers: list[loupelive.Viewer | None] = []
+        #: The relays before the first agent connects (in a cluster: once they hear each other).
+        self.baseline: _procs.ProcSample | None = None
+        self.baseline_each: dict[int, _procs.ProcSample] = {}
+
+    @property
+    def relay(self) -> RelayProcess | None:
+        """The relay (the first one of a cluster)."""
+        return self.relays[0] if self.relays else None
 
     # -- phases ------------------------------------------------------------------------
 
     def _client_cfg(self) -> JSON:
-        assert self.relay is not None
+        assert self.relays
         return {
             "run_id": self.plan.run_id,
-            "host": self.relay.host,
-            "agent_port": self.relay.agent_port,
-            "viewer_port": self.relay.viewer_port,
+            "host": self.relays[0].host,
+            "relays": [[r.agent_port, r.viewer_port] for r in self.relays],
             "tls": bool(self.args.tls),
             "ca_file": self.tls_ca,
             "mode": self.plan.mode,
             "corpus": self.args.corpus,
             "consumer_yield": self.args.consumer_yield,
             "per_source": self.args.per_source,
+            "unwatched_rate": self.args.unwatched_rate,
+            "pause_lists": self.args.pause_lists,
         }
 
     async def _spawn(self, nursery: trio.Nursery, kind: str, number: int, cfg: JSON) -> Worker:
@@ -1459,59 +1853,126 @@ class Coordinator:
 
     async def run(self) -> JSON:
         args, plan = self.args, self.plan
-        tls_files = None
-        if args.relay is None:
-            if args.tls:
-                tls_files = make_tls_files(self.run_dir)
-                self.tls_ca = str(tls_files[2])
-            self.relay = start_relay(self.run_dir, tls_files)
-        else:
-            host, port = args.relay
-            viewer_port = args.viewer_port or port + 1
-            self.relay = RelayProcess(host, port, viewer_port, _procs.listening_pid(port))
-        self.monitor.relay_pid = self.relay.pid
-        self.out.note(
-            f"relay {'pid ' + str(self.relay.pid) if self.relay.pid else '(pid not visible)'} on "
-            f"{self.relay.host}: agents {self.relay.agent_port}, viewers {self.relay.viewer_port}"
-            f"{' (TLS)' if args.tls else ''}; logs in {self.run_dir}"
-        )
-        baseline = self.monitor.sample()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.monitor.run)
-            nursery.start_soon(self._watch_relay)
-            try:
-                await self._run_load(nursery, baseline)
-            finally:
-                with trio.CancelScope(shield=True):
-                    await self._finish_workers()
-            nursery.cancel_scope.cancel()
-        relay_exit = await self._stop_relay()
-        self.results["relay_exit_status"] = relay_exit
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        async with trio.open_nursery() as servers:  # nats-server's log pump
+            if self.cluster:
+                executable = find_nats_server(args.nats_server)
+                assert executable is not None  # checked with the arguments
+                self.nats = await start_nats(servers, self.run_dir, executable)
+                self.monitor.worker_pids.append(self.nats.popen.pid)
+                names = [f"r{i}" for i in range(plan.relays)]
+                self.relays = start_relays(self.run_dir, self.tls_files, names, self.nats.url)
+                self.out.note(
+                    f"nats-server {self.nats.version} pid {self.nats.popen.pid} on {self.nats.url}; "
+                    + "; ".join(
+                        f"relay {r.name} pid {r.pid}: agents {r.agent_port}, viewers {r.viewer_port}"
+                        for r in self.relays
+                    )
+                    + f"{' (TLS)' if args.tls else ''}; logs in {self.run_dir}"
+                )
+            else:
+                if args.relay is None:
+                    self.relays = start_relays(self.run_dir, self.tls_files, [""], None)
+                else:
+                    host, port = args.relay
+                    viewer_port = args.viewer_port or port + 1
+                    self.relays = [RelayProcess(host, port, viewer_port, _procs.listening_pid(port))]
+                relay = self.relays[0]
+                self.out.note(
+                    f"relay {'pid ' + str(relay.pid) if relay.pid else '(pid not visible)'} on "
+                    f"{relay.host}: agents {relay.agent_port}, viewers {relay.viewer_port}"
+                    f"{' (TLS)' if args.tls else ''}; logs in {self.run_dir}"
+                )
+            self.monitor.relay_pids = [r.pid for r in self.relays if r.pid is not None]
+            self.baseline = self.monitor.sample()
+            self.baseline_each = dict(self.monitor.each)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.monitor.run)
+                for relay in self.relays:
+                    nursery.start_soon(self._watch_relay, relay)
+                if self.nats is not None:
+                    nursery.start_soon(self._watch_nats, self.nats)
+                try:
+                    await self._run_load(nursery)
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await self._finish_workers()
+                nursery.cancel_scope.cancel()
+            self.results.setdefault("relay_samples_each", {})["baseline"] = {
+                pid: attrs.asdict(sample) for pid, sample in self.baseline_each.items()
+            }
+            relay_exit = await self._stop_relays()
+            self.results["relay_exit_status"] = relay_exit[0] if len(relay_exit) == 1 else relay_exit
+            if self.nats is not None:
+                popen = self.nats.popen
+                if popen.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(popen.pid, signal.SIGTERM)
+                self.results["nats_exit_status"] = await wait_process(
+                    popen, 10.0, grace=1.0, sig=signal.SIGKILL
+                )
+            servers.cancel_scope.cancel()
         plain = None
-        if plan.mode != "idle" and not args.no_plain and plan.watched and plan.active_per_session:
+        if (
+            plan.mode != "idle"
+            and not args.no_plain
+            and not args.cluster
+            and plan.watched
+            and plan.active_per_session
+        ):
             plain = await self._run_plain()
         self.results["plain"] = plain
         return self.results
 
-    async def _run_load(self, nursery: trio.Nursery, baseline: _procs.ProcSample | None) -> None:
+    async def _run_load(self, nursery: trio.Nursery) -> None:
         args, plan = self.args, self.plan
         setup_timeout = 60.0 + plan.agents * 0.02 + plan.watched * plan.viewers_per_session * 0.05
+        cluster_setup: JSON = {}
+        if args.cluster:
+            # Both runs of a comparison hold their statistics viewers from the
+            # start (a cluster run needs them to see the peers and the lists).
+            await self._open_stats_viewers(nursery)
+        if self.cluster:
+            t_peers = time.monotonic()
+            await self._wait_peers()
+            cluster_setup["peers_s"] = time.monotonic() - t_peers
+            # The baseline of a cluster relay: with NATS connected and its peers known.
+            self.baseline = self.monitor.sample()
+            self.baseline_each = dict(self.monitor.each)
+            assert self.nats is not None
+            self.tap = await self._spawn(
+                nursery, "nats-tap", 0, {"url": self.nats.url, "prefix": "loupelive"}
+            )
+            await gather([self.tap], "ready", 30.0, "the NATS tap to subscribe")
+            self.out.note(
+                f"every relay hears its {plan.relays - 1} peers after {cluster_setup['peers_s']:.2f} s"
+            )
         t0 = time.monotonic()
         for proc in range(plan.agent_procs):
             cfg = {**self._client_cfg(), "agents": plan.agent_specs(proc)}
             self.agent_workers.append(await self._spawn(nursery, "agents", proc, cfg))
         ready = await gather(self.agent_workers, "ready", setup_timeout, "the agents to register")
         self.corpus_source = next((r["corpus"] for r in ready if r.get("corpus")), "")
-        registered = self.monitor.sample()
+        registered_at = time.monotonic()
         retries = sum(r.get("retries", 0) for r in ready)
         for r in ready:
             for index, session_id in r.get("renamed", {}).items():
                 plan.session_ids[int(index)] = session_id
-        self.results["registration"] = {"seconds": time.monotonic() - t0, "retries": retries}
+        self.results["registration"] = {"seconds": registered_at - t0, "retries": retries}
         self.out.note(
-            f"{plan.agents} sessions registered in {time.monotonic() - t0:.1f} s"
+            f"{plan.agents} sessions registered in {registered_at - t0:.1f} s"
             + (f" ({retries} registrations retried)" if retries else "")
         )
+        if self.cluster:
+            await self._wait_directory(setup_timeout)
+            cluster_setup["directory_s"] = time.monotonic() - registered_at
+            self.out.note(
+                f"every relay lists all {plan.agents} sessions {cluster_setup['directory_s']:.2f} s "
+                "after the last registration"
+            )
+        self.results["cluster_setup"] = cluster_setup or None
+        registered = self.monitor.sample()
+        registered_each = dict(self.monitor.each)
         viewer_specs = plan.viewer_specs()
         if viewer_specs:
             t1 = time.monotonic()
@@ -1522,12 +1983,25 @@ class Coordinator:
             await gather(self.viewer_workers, "ready", setup_timeout, "the viewers to subscribe")
             await self._warm_up()
             self.out.note(f"{len(viewer_specs)} viewers subscribed and live in {time.monotonic() - t1:.1f} s")
-        self.stats_viewer = await nursery.start(self._hold_stats_viewer)
+        if not self.stats_viewers:
+            await self._open_stats_viewers(nursery)
+        if args.pause_lists:
+            for viewer in self.stats_viewers:
+                if viewer is not None:
+                    await viewer.pause_list()
+        if args.settle:
+            # Out of the window: the relay's first clock probes (four in the
+            # first 2 s of every agent connection) and their list updates.
+            await trio.sleep(args.settle)
         stats_go = await self._relay_stats()
+        varz_go = await nats_varz(self.nats)
         self.go_at = time.time() + 0.5
         await broadcast(self.agent_workers, "go", start_at=self.go_at, seconds=args.seconds, rate=args.rate)
         await sleep_until_wall(self.go_at)
+        if self.tap is not None:
+            await self.tap.command("start")
         before_go = self.monitor.sample()
+        before_go_each = dict(self.monitor.each)
         self.monitor.sample_workers()
         workers_before = dict(self.monitor.workers)
         async with trio.open_nursery() as progress_nursery:
@@ -1548,12 +2022,18 @@ class Coordinator:
                     self.viewer_workers, "drained", args.drain_timeout + 30.0, "the viewers to drain"
                 )
             end_sample = self.monitor.sample()
+            end_each = dict(self.monitor.each)
             end_time = time.time()
+            self.monitor.sample_workers()
+            workers_after = dict(self.monitor.workers)
             progress_nursery.cancel_scope.cancel()
         stats_end = await self._relay_stats()
+        varz_end = await nats_varz(self.nats)
+        tap_window = None
+        if self.tap is not None:
+            await self.tap.command("stop")
+            tap_window = (await gather([self.tap], "window", 30.0, "the NATS tap's counts"))[0]
         self.out.end()
-        self.monitor.sample_workers()
-        workers_after = dict(self.monitor.workers)
         if self.viewer_workers:
             stalled_final = await gather(
                 self.viewer_workers, "final", args.drain_timeout + 30.0, "the viewers' reports"
@@ -1561,6 +2041,10 @@ class Coordinator:
         await broadcast(self.agent_workers, "finish")
         agent_final = await gather(self.agent_workers, "final", 60.0, "the agents' reports")
         done_times = [d["done_at"] for d in drained if d.get("done_at") is not None]
+
+        def each(samples: dict[int, _procs.ProcSample]) -> dict[int, JSON]:
+            return {pid: attrs.asdict(sample) for pid, sample in samples.items()}
+
         self.results.update(
             {
                 "ranges": ranges,
@@ -1570,18 +2054,29 @@ class Coordinator:
                 "delivery_end": max(done_times) if done_times else None,
                 "measure_end": end_time,
                 "relay_statistics": {"at_go": stats_go, "at_end": stats_end},
+                "nats_varz": {"at_go": varz_go, "at_end": varz_end},
+                "nats_tap": tap_window,
                 "relay_samples": {
-                    "baseline": attrs.asdict(baseline) if baseline else None,
+                    "baseline": attrs.asdict(self.baseline) if self.baseline else None,
                     "registered": attrs.asdict(registered) if registered else None,
                     "before_go": attrs.asdict(before_go) if before_go else None,
                     "end": attrs.asdict(end_sample) if end_sample else None,
                     "peak_rss_kb": self.monitor.peak_rss_kb or None,
+                },
+                "relay_samples_each": {
+                    "registered": each(registered_each),
+                    "before_go": each(before_go_each),
+                    "end": each(end_each),
+                    "peak_rss_kb": dict(self.monitor.peak_each),
                 },
                 "worker_cpu_s": {
                     "agents": _cpu_delta(workers_before, workers_after, [w.pid for w in self.agent_workers]),
                     "viewers": _cpu_delta(
                         workers_before, workers_after, [w.pid for w in self.viewer_workers]
                     ),
+                    "nats": _cpu_delta(workers_before, workers_after, [self.nats.popen.pid])
+                    if self.nats
+                    else None,
                 },
                 "worker_peak_rss_kb": {
                     "agents": [
@@ -1590,19 +2085,27 @@ class Coordinator:
                     "viewers": [
                         workers_after[w.pid].hwm_kb for w in self.viewer_workers if w.pid in workers_after
                     ],
+                    "nats": workers_after[self.nats.popen.pid].hwm_kb
+                    if self.nats and self.nats.popen.pid in workers_after
+                    else None,
                 },
             }
         )
 
+    async def _open_stats_viewers(self, nursery: trio.Nursery) -> None:
+        self.stats_viewers = [await nursery.start(self._hold_stats_viewer, relay) for relay in self.relays]
+
     async def _hold_stats_viewer(
-        self, *, task_status: trio.TaskStatus[loupelive.Viewer | None] = trio.TASK_STATUS_IGNORED
+        self,
+        relay: RelayProcess,
+        *,
+        task_status: trio.TaskStatus[loupelive.Viewer | None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """A viewer connection of our own, to ask the relay for its statistics."""
-        assert self.relay is not None
+        """A viewer connection of our own, to ask a relay for its statistics (and its list)."""
         started = False
         try:
             async with loupelive.open_viewer(
-                self.relay.host, self.relay.viewer_port, tls=bool(self.args.tls), ca_file=self.tls_ca
+                relay.host, relay.viewer_port, tls=bool(self.args.tls), ca_file=self.tls_ca
             ) as viewer:
                 task_status.started(viewer)
                 started = True
@@ -1612,17 +2115,67 @@ class Coordinator:
             if not started:
                 task_status.started(None)
 
-    async def _relay_stats(self) -> JSON | None:
-        """``Viewer.statistics()`` of the relay, or None if it cannot be had."""
-        viewer = self.stats_viewer
-        if viewer is None:
-            return None
+    async def _relay_stats(self) -> list[JSON | None]:
+        """``Viewer.statistics()`` of each relay (None where it cannot be had), asked together."""
+        results: list[JSON | None] = [None] * len(self.stats_viewers)
+
+        async def one(index: int, viewer: loupelive.Viewer) -> None:
+            try:
+                with trio.fail_after(15.0):
+                    results[index] = await viewer.statistics()
+            except (LoupeError, AttributeError, trio.TooSlowError) as exc:
+                self.out.note(f"relay statistics unavailable: {describe(exc)}")
+
+        async with trio.open_nursery() as nursery:
+            for index, viewer in enumerate(self.stats_viewers):
+                if viewer is not None:
+                    nursery.start_soon(one, index, viewer)
+        return results
+
+    async def _wait_peers(self) -> None:
+        """Until every relay's statistics list every other relay as a peer."""
+        names = {r.name for r in self.relays}
+        if any(v is None for v in self.stats_viewers):
+            raise RunFailed("a relay of the cluster does not answer statistics requests")
+        with trio.move_on_after(PEERS_TIMEOUT):
+            while True:
+                stats = await self._relay_stats()
+                missing = {
+                    relay.name: sorted(
+                        names - {relay.name} - set((s or {}).get("cluster", {}).get("peers", []))
+                    )
+                    for relay, s in zip(self.relays, stats, strict=True)
+                }
+                if not any(missing.values()):
+                    return
+                await trio.sleep(PEERS_POLL)
+        raise RunFailed(
+            f"the relays did not all hear each other within {PEERS_TIMEOUT:g} s: missing {missing}"
+        )
+
+    async def _wait_directory(self, within: float) -> None:
+        """Until every relay lists every session of the run (the directory has converged)."""
+        wanted = set(self.plan.session_ids)
+        count = len(wanted)
+
+        def complete(sessions: list[Any]) -> bool:
+            return len(sessions) >= count and wanted.issubset(s.session_id for s in sessions)
+
         try:
-            with trio.fail_after(15.0):
-                return await viewer.statistics()
-        except (LoupeError, AttributeError, trio.TooSlowError) as exc:
-            self.out.note(f"relay statistics unavailable: {describe(exc)}")
-            return None
+            with trio.fail_after(within):
+                async with trio.open_nursery() as nursery:
+                    for viewer in self.stats_viewers:
+                        assert viewer is not None
+                        nursery.start_soon(viewer.wait_sessions, complete)
+        except trio.TooSlowError:
+            seen = [
+                len(wanted & {s.session_id for s in v.sessions()}) if v is not None else None
+                for v in self.stats_viewers
+            ]
+            raise RunFailed(
+                f"the relays' lists did not converge within {within:g} s: "
+                f"of {count} sessions, relays {[r.name for r in self.relays]} list {seen}"
+            ) from None
 
     async def _warm_up(self) -> None:
         """Probe records until every viewer (stalled ones included) has received one."""
@@ -1642,15 +2195,16 @@ class Coordinator:
         last_delivered = 0
         last_t = self.go_at
         tick = self.go_at + 0.25  # just after the workers' own once-a-second reports
+        what = "relay" if len(self.relays) == 1 else f"{len(self.relays)} relays"
         while True:
             tick += PROGRESS_INTERVAL
             await sleep_until_wall(tick)
             now = time.time()
             sample = self.monitor.last
             relay = (
-                f"relay RSS {sample.rss_kb / 1024:.0f} MiB CPU {sample.cpu_s:.1f} s"
+                f"{what} RSS {sample.rss_kb / 1024:.0f} MiB CPU {sample.cpu_s:.1f} s"
                 if sample
-                else "relay n/a"
+                else f"{what} n/a"
             )
             elapsed = now - self.go_at
             if self.plan.mode == "idle":
@@ -1667,39 +2221,47 @@ class Coordinator:
                 f"| gaps {gaps:,} | errors {errors} | {relay}"
             )
 
-    async def _watch_relay(self) -> None:
-        """Fail the run at once if our relay dies under load."""
-        relay = self.relay
-        if relay is None or relay.popen is None:
+    async def _watch_relay(self, relay: RelayProcess) -> None:
+        """Fail the run at once if one of our relays dies under load."""
+        if relay.popen is None:
             return
-        pidfd = os.pidfd_open(relay.popen.pid)
-        try:
-            await trio.lowlevel.wait_readable(pidfd)
-        finally:
-            os.close(pidfd)
+        await _wait_exit(relay.popen)
         status = relay.popen.wait()
         log_tail = _tail(relay.log_path) if relay.log_path else ""
+        what = f"the relay {relay.name}" if relay.name else "the relay"
         raise RunFailed(
-            f"the relay (pid {relay.popen.pid}) exited with status {status} during the run:\n{log_tail}"
+            f"{what} (pid {relay.popen.pid}) exited with status {status} during the run:\n{log_tail}"
         )
 
+    async def _watch_nats(self, nats: NatsProcess) -> None:
+        await _wait_exit(nats.popen)
+        status = nats.popen.wait()
+        raise RunFailed(f"nats-server exited with status {status} during the run:\n{_tail(nats.log_path)}")
+
     async def _finish_workers(self) -> None:
-        for worker in self.viewer_workers + self.agent_workers:
+        workers = self.viewer_workers + self.agent_workers + ([self.tap] if self.tap else [])
+        for worker in workers:
             with contextlib.suppress(RunFailed):
                 await worker.command("finish")
-        for worker in self.viewer_workers + self.agent_workers:
+        for worker in workers:
             await worker.close_stdin()
             await worker.wait_exit(20.0)
 
-    async def _stop_relay(self) -> int | None:
-        relay = self.relay
-        if relay is None or relay.popen is None:
-            return None
-        popen = relay.popen
-        if popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(popen.pid, signal.SIGTERM)
-        return await wait_process(popen, 15.0, grace=1.0, sig=signal.SIGKILL)
+    async def _stop_relays(self) -> list[int | None]:
+        """SIGTERM to each of our relays, all at once; their exit statuses."""
+        statuses: list[int | None] = [None] * len(self.relays)
+
+        async def stop(index: int, popen: subprocess.Popen[bytes]) -> None:
+            if popen.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(popen.pid, signal.SIGTERM)
+            statuses[index] = await wait_process(popen, 15.0, grace=1.0, sig=signal.SIGKILL)
+
+        async with trio.open_nursery() as nursery:
+            for index, relay in enumerate(self.relays):
+                if relay.popen is not None:
+                    nursery.start_soon(stop, index, relay.popen)
+        return statuses
 
     async def _run_plain(self) -> JSON | None:
         """The same bytes through a plain TCP fan-out with the same process layout."""
@@ -1721,7 +2283,7 @@ class Coordinator:
         sending = {s["sid"] for s in senders}
         receivers = [
             {"index": index[sid], "bytes": sessions[sid]["bytes_sent"]}
-            for _, sid, stalled in plan.viewer_specs()
+            for _, sid, stalled, _relay in plan.viewer_specs()
             if not stalled and sid in sending
         ]
         rounds = self.args.plain_rounds
@@ -1856,12 +2418,16 @@ def build_results(args: argparse.Namespace, plan: Plan, coord: Coordinator, raw:
     control_bytes = sum(s["control"]["unwatched"]["bytes"] for s in coord.stopped)
     control_sessions = sum(s["control"]["unwatched"]["sessions"] for s in coord.stopped)
     window = max((s["window_s"] for s in coord.stopped), default=0.0)
-    idle_rate = control_bytes / window / control_sessions if control_sessions and window else None
+    idle_rate = (
+        control_bytes / window / control_sessions
+        if control_sessions and window and not args.unwatched_rate
+        else None
+    )
     plain = raw.get("plain")
     relay_rate = bytes_sent / elapsed if elapsed > 0 and bytes_sent else None
     relay_vs_plain = relay_rate / plain["bytes_per_s"] if plain and relay_rate else None
-    relay_log = analyze_relay_log(coord.relay.log_path if coord.relay else None)
-    relay_stats = relay_statistics_delta(raw["relay_statistics"]["at_go"], raw["relay_statistics"]["at_end"])
+    relay_log = analyze_relay_logs([r.log_path for r in coord.relays])
+    relay_stats = sum_relay_statistics(raw["relay_statistics"]["at_go"], raw["relay_statistics"]["at_end"])
     worker_logs = worker_log_warnings([w.log_path for w in coord.agent_workers + coord.viewer_workers])
 
     failures: list[str] = []
@@ -1890,9 +2456,15 @@ def build_results(args: argparse.Namespace, plan: Plan, coord: Coordinator, raw:
         failures.append("a worker logged a traceback")
     if mode != "idle" and records_sent == 0:
         failures.append("no records were logged")
+    cluster = None
+    if coord.cluster:
+        cluster = cluster_figures(coord, raw, records_sent, act["delivered"], elapsed)
+        if cluster["nats_log"].get("errors"):
+            failures.append(f"nats-server logged {cluster['nats_log']['errors']} errors")
 
     results: JSON = {
         "mode": mode,
+        "relays": plan.relays,
         "agents": plan.agents,
         "watched": plan.watched,
         "viewers": plan.watched * plan.viewers_per_session,
@@ -1901,6 +2473,8 @@ def build_results(args: argparse.Namespace, plan: Plan, coord: Coordinator, raw:
         "stalled_viewers": len(stalled),
         "seconds": args.seconds,
         "rate": args.rate if mode == "trickle" else None,
+        "unwatched_rate": args.unwatched_rate or None,
+        "pause_lists": bool(args.pause_lists),
         "elapsed_s": elapsed,
         "records_sent": records_sent,
         "records_delivered": act["delivered"],
@@ -1909,6 +2483,8 @@ def build_results(args: argparse.Namespace, plan: Plan, coord: Coordinator, raw:
         "gaps": act["gaps"],
         "gaps_by_reason": act["gaps_by_reason"],
         "gap_seqs_by_reason": act["gap_seqs_by_reason"],
+        "cluster_overflow_gaps": act["gaps_by_reason"].get("cluster_overflow", 0),
+        "cluster_overflow_seqs": act["gap_seqs_by_reason"].get("cluster_overflow", 0),
         "delivered_records_per_s": act["delivered"] / elapsed if elapsed > 0 and mode != "idle" else None,
         "delivered_records_per_s_per_viewer": act["delivered"] / elapsed / len(active)
         if elapsed > 0 and active
@@ -1963,7 +2539,9 @@ def build_results(args: argparse.Namespace, plan: Plan, coord: Coordinator, raw:
             "window_s": window,
         },
         "relay": {
-            "pid": coord.relay.pid if coord.relay else None,
+            "pid": (coord.relay.pid if coord.relay else None)
+            if len(coord.relays) <= 1
+            else [r.pid for r in coord.relays],
             "started_by_loadtest": bool(coord.relay and coord.relay.popen),
             "tls": bool(args.tls),
             "rss_kb": samples,
@@ -1977,6 +2555,7 @@ def build_results(args: argparse.Namespace, plan: Plan, coord: Coordinator, raw:
             "statistics": relay_stats,
             "log": relay_log,
         },
+        "cluster": cluster,
         "plain": plain,
         "workers": {
             "agent_procs": plan.agent_procs,
@@ -2013,6 +2592,148 @@ RELAY_GAUGES: Final = (
 )
 
 
+CLUSTER_COUNTERS: Final = (
+    "feed_bytes_out",
+    "feed_bytes_in",
+    "feed_messages_in",
+    "cluster_overflows",
+    "cluster_overflow_gaps",
+    "feed_holes",
+    "nats_published",
+    "nats_received",
+    "nats_inbox_drops",
+    "nats_reconnects",
+)
+CLUSTER_GAUGES: Final = ("connected", "peers", "remote_sessions", "feeds", "nats_pending_bytes")
+
+
+def sum_relay_statistics(at_go: Sequence[JSON | None], at_end: Sequence[JSON | None]) -> JSON | None:
+    """``relay_statistics_delta`` summed over the relays (None if one does not answer)."""
+    deltas = [relay_statistics_delta(g, e) for g, e in zip(at_go, at_end, strict=True)]
+    if not deltas or any(d is None for d in deltas):
+        return None
+    if len(deltas) == 1:
+        return deltas[0]
+    total: JSON = {"delta": {}, "at_end": {}, "rss_mb_at_end": 0.0}
+    for d in deltas:
+        assert d is not None
+        for key, value in d["delta"].items():
+            if isinstance(value, dict):
+                merged = total["delta"].setdefault(key, {})
+                for k, v in value.items():
+                    merged[k] = merged.get(k, 0) + v
+            else:
+                total["delta"][key] = total["delta"].get(key, 0) + value
+        for key, value in d["at_end"].items():
+            total["at_end"][key] = (total["at_end"].get(key) or 0) + (value or 0)
+        total["rss_mb_at_end"] = (
+            total["rss_mb_at_end"] + d["rss_mb_at_end"] if d["rss_mb_at_end"] is not None else None
+        )
+        if total["rss_mb_at_end"] is None:
+            break
+    return total
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return numerator / denominator if numerator is not None and denominator else None
+
+
+def cluster_figures(
+    coord: Coordinator, raw: JSON, records_sent: int, records_delivered: int, elapsed: float
+) -> JSON:
+    """What crossed NATS, per relay and in all, over the measurement (go → end of delivery)."""
+    plan = coord.plan
+    at_go: list[JSON | None] = raw["relay_statistics"]["at_go"]
+    at_end: list[JSON | None] = raw["relay_statistics"]["at_end"]
+    samples = raw["relay_samples_each"]
+    per_relay: list[JSON] = []
+    totals: Counter[str] = Counter()
+    for index, relay in enumerate(coord.relays):
+        go, end = at_go[index] or {}, at_end[index] or {}
+        cgo, cend = go.get("cluster") or {}, end.get("cluster") or {}
+        delta = {k: cend[k] - cgo[k] for k in CLUSTER_COUNTERS if k in cgo and k in cend}
+        totals.update(delta)
+        pid = relay.pid
+        before, after = samples["before_go"].get(pid), samples["end"].get(pid)
+        base, registered = samples["baseline"].get(pid), samples["registered"].get(pid)
+        peak = samples["peak_rss_kb"].get(pid)
+        per_relay.append(
+            {
+                "name": relay.name,
+                "pid": pid,
+                "agents": sum(1 for i in range(plan.agents) if i % plan.relays == index),
+                "viewers": sum(1 for spec in plan.viewer_specs() if spec[3] == index),
+                "cpu_s": after["cpu_s"] - before["cpu_s"] if before and after else None,
+                "rss_mb_baseline": base["rss_kb"] / 1024 if base else None,
+                "rss_mb_registered": registered["rss_kb"] / 1024 if registered else None,
+                "rss_mb_peak": peak / 1024 if peak else None,
+                "cluster_delta": delta,
+                "cluster_at_end": {k: cend.get(k) for k in CLUSTER_GAUGES},
+                "statistics": relay_statistics_delta(at_go[index], at_end[index]),
+            }
+        )
+    varz_go, varz_end = raw["nats_varz"]["at_go"], raw["nats_varz"]["at_end"]
+    varz = (
+        {k: varz_end[k] - varz_go[k] for k in NATS_COUNTERS if k in varz_go and k in varz_end}
+        if varz_go and varz_end
+        else None
+    )
+    feed_out = totals.get("feed_bytes_out")
+    nats_in = varz.get("in_bytes") if varz else None
+    nats_cpu = raw["worker_cpu_s"].get("nats")
+    other_in = nats_in - feed_out if nats_in is not None and feed_out is not None else None
+    nats = coord.nats
+    tap = raw.get("nats_tap")
+    directory = None
+    if tap and tap["seconds"] > 0:
+        seconds = tap["seconds"]
+        directory = {
+            "seconds": seconds,
+            "msgs": tap["msgs"],
+            "bytes": tap["bytes"],
+            "entries": tap["entries"],
+            "bytes_per_s": {k: v / seconds for k, v in sorted(tap["bytes"].items())},
+            "total_bytes_per_s": sum(tap["bytes"].values()) / seconds,
+            "bytes_per_counts_entry": _ratio(
+                tap["bytes"].get("dir.counts"), tap["entries"].get("dir.counts")
+            ),
+            "bytes_per_alive": _ratio(tap["bytes"].get("alive"), tap["msgs"].get("alive")),
+            "totals_since_tap_start": {"msgs": tap["msgs_total"], "bytes": tap["bytes_total"]},
+        }
+    return {
+        "relays": plan.relays,
+        "names": [r.name for r in coord.relays],
+        "setup": raw.get("cluster_setup"),
+        "statistics": dict(totals),
+        "feed_bytes_out_per_delivered_record": _ratio(feed_out, records_delivered),
+        "feed_bytes_out_per_sent_record": _ratio(feed_out, records_sent),
+        "feed_bytes_out_per_s": _ratio(feed_out, elapsed),
+        "nats_server": {
+            "version": nats.version if nats else None,
+            "pid": nats.popen.pid if nats else None,
+            "cpu_s": nats_cpu,
+            "cpu_share": _ratio(nats_cpu, elapsed),
+            "peak_rss_mb": raw["worker_peak_rss_kb"]["nats"] / 1024
+            if raw["worker_peak_rss_kb"].get("nats")
+            else None,
+            "varz_delta": varz,
+            "in_bytes_per_delivered_record": _ratio(nats_in, records_delivered),
+            "out_bytes_per_delivered_record": _ratio(
+                varz.get("out_bytes") if varz else None, records_delivered
+            ),
+            "in_bytes_per_s": _ratio(nats_in, elapsed),
+            "out_bytes_per_s": _ratio(varz.get("out_bytes") if varz else None, elapsed),
+            # Everything published that is not a feed: alive, directory, sync, ctl.
+            "other_in_bytes": other_in,
+            "other_in_bytes_per_s": _ratio(other_in, elapsed),
+            "other_in_bytes_per_s_per_session": _ratio(_ratio(other_in, elapsed), plan.agents),
+        },
+        "directory": directory,
+        "nats_log": analyze_nats_log(nats.log_path if nats else None),
+        "per_relay": per_relay,
+    }
+
+
 def relay_statistics_delta(at_go: JSON | None, at_end: JSON | None) -> JSON | None:
     """The relay's own counters over the measurement (``Viewer.statistics()``)."""
     if not at_go or not at_end:
@@ -2042,14 +2763,16 @@ def _segments_estimate(rate: float | None, coord: Coordinator) -> JSON | None:
     }
 
 
-def print_summary(results: JSON, plan: Plan) -> None:
-    def num(value: float | None, fmt: str = ",.0f", unit: str = "") -> str:
-        return "n/a" if value is None else f"{value:{fmt}}{unit}"
+def num(value: float | None, fmt: str = ",.0f", unit: str = "") -> str:
+    return "n/a" if value is None else f"{value:{fmt}}{unit}"
 
+
+def print_summary(results: JSON, plan: Plan, title: str = "") -> None:
     r = results
     lines = [
         "",
-        f"loupelive load test — mode {r['mode']}, {r['agents']:,} agents, {r['watched']:,} watched × "
+        f"loupelive load test{' — ' + title if title else ''} — mode {r['mode']}, "
+        f"{r['agents']:,} agents, {r['watched']:,} watched × "
         f"{plan.viewers_per_session} viewers ({r['stalled_viewers']} stalled), {r['seconds']:g} s"
         + (f" at {r['rate']:g} records/s per session" if r["rate"] else ""),
         f"  corpus: {r['corpus'] or 'n/a'}",
@@ -2117,10 +2840,72 @@ def print_summary(results: JSON, plan: Plan) -> None:
             f"  relay log: {log['skips']} skips, {log['catch_ups']} catch-ups, "
             f"{log['slow_consumer_disconnects']} slow-consumer disconnects, {log['warnings']} warnings, "
             f"{log['errors']} errors"
+            + (
+                f", {log['feed_skips']} feed skips, {log['feed_holes']} feed holes"
+                if r.get("cluster")
+                else ""
+            )
         )
+    if r.get("cluster"):
+        lines += cluster_summary(r)
     lines.append(
         "  result: OK" if r["ok"] else "  result: FAILED\n" + "\n".join(f"    - {f}" for f in r["failures"])
     )
+    print("\n".join(lines))
+
+
+def cluster_summary(r: JSON) -> list[str]:
+    c = r["cluster"]
+    st, nats, setup = c["statistics"], c["nats_server"], c["setup"] or {}
+    varz = nats["varz_delta"] or {}
+    lines = [
+        f"  cluster: {c['relays']} relays ({', '.join(c['names'])}) on nats-server {nats['version']}; peers heard "
+        f"after {num(setup.get('peers_s'), '.2f')} s, every list complete {num(setup.get('directory_s'), '.2f')} s "
+        "after the last registration",
+        f"  across NATS: feeds {st.get('feed_bytes_out', 0) / 1e6:.2f} MB = "
+        f"{num(c['feed_bytes_out_per_delivered_record'], '.1f')} B per delivered record "
+        f"({num(c['feed_bytes_out_per_s'], ',.0f')} B/s); nats-server in {varz.get('in_bytes', 0) / 1e6:.2f} MB / "
+        f"out {varz.get('out_bytes', 0) / 1e6:.2f} MB, not feeds (alive, directory, ctl) "
+        f"{num(nats['other_in_bytes_per_s'], ',.0f')} B/s in",
+    ]
+    directory = c["directory"]
+    if directory:
+        kinds = ", ".join(f"{k} {v:,.0f}" for k, v in directory["bytes_per_s"].items())
+        lines.append(
+            f"  not feeds, as published (B/s): {kinds or 'none'}; {num(directory['bytes_per_counts_entry'], '.0f')} B "
+            f"per counts entry, {num(directory['bytes_per_alive'], '.0f')} B per alive"
+        )
+    lines += [
+        f"  cluster counters: overflow gaps {st.get('cluster_overflow_gaps', 0)}, feed holes {st.get('feed_holes', 0)}, "
+        f"NATS inbox drops {st.get('nats_inbox_drops', 0)}, reconnects {st.get('nats_reconnects', 0)}, NATS slow "
+        f"consumers {varz.get('slow_consumers', 0)}; nats-server CPU {num(nats['cpu_s'], '.2f')} s, peak RSS "
+        f"{num(nats['peak_rss_mb'], '.1f')} MiB",
+    ]
+    for one in c["per_relay"]:
+        lines.append(
+            f"    relay {one['name']}: {one['agents']:,} agents, {one['viewers']:,} viewers, CPU "
+            f"{num(one['cpu_s'], '.2f')} s, RSS {num(one['rss_mb_baseline'], '.1f')} MiB → "
+            f"{num(one['rss_mb_registered'], '.1f')} registered → {num(one['rss_mb_peak'], '.1f')} peak, feeds out "
+            f"{one['cluster_delta'].get('feed_bytes_out', 0) / 1e6:.2f} MB, in "
+            f"{one['cluster_delta'].get('feed_bytes_in', 0) / 1e6:.2f} MB"
+        )
+    return lines
+
+
+def print_comparison(comparison: JSON) -> None:
+    rows = [
+        (name, v) for name, v in comparison.items() if v["single"] is not None or v["cluster"] is not None
+    ]
+    width = max(len(name) for name, _ in rows)
+    lines = [
+        "",
+        f"  {'single relay vs cluster':<{width}}  {'single':>14}  {'cluster':>14}  {'cluster/single':>14}",
+    ]
+    for name, v in rows:
+        lines.append(
+            f"  {name:<{width}}  {num(v['single'], ',.2f'):>14}  {num(v['cluster'], ',.2f'):>14}  "
+            f"{num(v['cluster_over_single'], '.3f'):>14}"
+        )
     print("\n".join(lines))
 
 
@@ -2158,6 +2943,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--rate", type=float, default=10.0, metavar="R", help="trickle: records/s per session"
     )
+    parser.add_argument(
+        "--unwatched-rate",
+        type=float,
+        default=0.0,
+        metavar="U",
+        help="trickle: the sessions nobody watches log U records/s too (default 0: they only heartbeat)",
+    )
+    parser.add_argument(
+        "--pause-lists",
+        action="store_true",
+        help="each viewer pauses its session list once its stream is open (no list updates)",
+    )
     parser.add_argument("--seconds", type=float, default=10.0, metavar="S", help="length of the measurement")
     parser.add_argument(
         "--corpus", metavar="DIR", help="*_structured.csv directory (default: the shared loghub)"
@@ -2171,6 +2968,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--viewer-port", type=int, metavar="PORT", help="with --relay: its viewer port (default PORT+1)"
     )
+    parser.add_argument(
+        "--relays",
+        type=int,
+        default=1,
+        metavar="R",
+        help="with --cluster: relays over one nats-server (agent i on relay i mod R, its viewers on i+1 mod R)",
+    )
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="run the workload on R relays joined over NATS (after the same on one relay: see --no-single)",
+    )
+    parser.add_argument(
+        "--no-single", action="store_true", help="with --cluster: skip the single-relay run for comparison"
+    )
+    parser.add_argument(
+        "--nats-server", metavar="PATH", help="with --cluster: the nats-server binary (default: from PATH)"
+    )
     parser.add_argument("--tls", action="store_true", help="TLS on every connection")
     parser.add_argument(
         "--ca", metavar="FILE", help="with --relay --tls: CA file to trust (default: system store)"
@@ -2180,6 +2995,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", metavar="PATH", help="write the results here as one JSON object")
     parser.add_argument(
         "--drain-timeout", type=float, default=60.0, metavar="S", help="bound on delivery after logging"
+    )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="wait S seconds after setup before the measurement (keeps the relay's first clock probes out)",
     )
     parser.add_argument("--plain-rounds", type=int, default=3, help="plain fan-out transfers (median)")
     parser.add_argument("--no-plain", action="store_true", help="skip the plain fan-out baseline")
@@ -2226,12 +3048,19 @@ def make_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Plan
         fail("--seconds must be in (0, 3600]")
     if not 0 < args.rate <= 100_000:
         fail("--rate must be in (0, 100000]")
+    if args.unwatched_rate:
+        if args.mode != "trickle" or not 0 < args.unwatched_rate <= 1000:
+            fail("--unwatched-rate goes with --mode trickle and must be in (0, 1000]")
+        if k == n:
+            fail("--unwatched-rate needs sessions nobody watches (--watched K < N)")
     if not 1 <= args.agent_procs <= max(1, n):
         fail("--agent-procs must be 1..N")
     if not 1 <= args.viewer_procs <= 64:
         fail("--viewer-procs must be 1..64")
     if not 0 < args.drain_timeout <= 600:
         fail("--drain-timeout must be in (0, 600]")
+    if not 0 <= args.settle <= 600:
+        fail("--settle must be in [0, 600]")
     if args.per_source:
         agent_sources = math.ceil(n / args.per_source)
         viewer_sources = math.ceil(k * m / max(1, args.per_source // 2))
@@ -2245,6 +3074,29 @@ def make_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Plan
         fail("--ca goes with --relay --tls")
     if args.corpus is not None and not Path(args.corpus).is_dir():
         fail(f"--corpus {args.corpus}: not a directory")
+    relays = args.relays
+    if args.cluster:
+        if not 2 <= relays <= 32:
+            fail(
+                "--cluster needs --relays 2..32 (each session's viewers are on another relay than its agent)"
+            )
+        if args.relay is not None:
+            fail("--cluster starts its own relays and nats-server: leave out --relay")
+        if find_nats_server(args.nats_server) is None:
+            fail(
+                f"--cluster needs nats-server: {args.nats_server or 'not on PATH nor in ' + ', '.join(NATS_SERVER_FALLBACKS)}"
+                " (--nats-server PATH)"
+            )
+        missing = [m for m in ("nats", "trio_asyncio") if importlib.util.find_spec(m) is None]
+        if missing:
+            fail(f"--cluster needs {' and '.join(missing)}: pip install 'loupelive[cluster]'")
+    else:
+        if relays != 1:
+            fail("--relays R > 1 goes with --cluster")
+        if args.no_single:
+            fail("--no-single goes with --cluster")
+        if args.nats_server:
+            fail("--nats-server goes with --cluster")
     limit = _procs.raise_nofile_limit()
     p = args.agent_procs
     per_agent_proc = math.ceil(n / p) + math.ceil(k / p) + FD_SLACK
@@ -2258,8 +3110,12 @@ def make_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Plan
         fail(
             f"{viewers_per_proc} descriptors per viewer process exceed the limit {limit}: raise --viewer-procs"
         )
-    if args.relay is None and n + k + 2 * k * m + FD_SLACK > limit:
-        fail(f"the relay would need {n + k + 2 * k * m + FD_SLACK} descriptors; the limit is {limit}")
+    # One relay takes every connection; in a cluster each takes its share (and none
+    # when --no-single leaves out the single-relay run).
+    per_relay = 1 if not args.cluster or not args.no_single else relays
+    relay_fds = math.ceil((n + k + 2 * k * m) / per_relay) + FD_SLACK
+    if args.relay is None and relay_fds > limit:
+        fail(f"the relay would need {relay_fds} descriptors; the limit is {limit}")
     run_id = uuid.uuid4().hex[:8]
     return Plan(
         run_id=run_id,
@@ -2275,7 +3131,16 @@ def make_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Plan
 
 
 async def _main_async(args: argparse.Namespace, plan: Plan, run_dir: Path) -> JSON:
-    coord = Coordinator(args, plan, run_dir)
+    """One run, or with ``--cluster`` a single-relay run and then the cluster run."""
+    phases: list[tuple[str, Plan, bool]] = []
+    if args.cluster:
+        if not args.no_single:
+            phases.append(("single", plan.for_relays(1, "s"), False))
+        phases.append(("cluster", plan.for_relays(args.relays, "c"), True))
+    else:
+        phases.append(("", plan, False))
+    tls_files = make_tls_files(run_dir) if args.tls and args.relay is None else None
+    results: dict[str, JSON] = {}
     interrupted = False
     async with trio.open_nursery() as nursery:
 
@@ -2288,14 +3153,78 @@ async def _main_async(args: argparse.Namespace, plan: Plan, run_dir: Path) -> JS
                     return
 
         nursery.start_soon(watch_signals)
-        try:
-            raw = await coord.run()
-        finally:
-            coord.out.end()
+        for label, phase_plan, cluster in phases:
+            coord = Coordinator(
+                args, phase_plan, run_dir / label if label else run_dir, cluster=cluster, tls_files=tls_files
+            )
+            if label:
+                coord.out.note(
+                    f"== {label} run: "
+                    + (f"{phase_plan.relays} relays over NATS" if cluster else "one relay, no cluster")
+                )
+            try:
+                raw = await coord.run()
+            finally:
+                coord.out.end()
+            results[label] = build_results(args, phase_plan, coord, raw)
         nursery.cancel_scope.cancel()
     if interrupted:
         raise KeyboardInterrupt
-    return build_results(args, plan, coord, raw)
+    if not args.cluster:
+        return results[""]
+    return combine_results(results.get("single"), results["cluster"])
+
+
+#: Figures set side by side for ``--cluster`` (name → how to read it from one run's results).
+COMPARED: Final[dict[str, Callable[[JSON], float | None]]] = {
+    "delivered_records_per_s": lambda r: r["delivered_records_per_s"],
+    "elapsed_s": lambda r: r["elapsed_s"],
+    "records_sent": lambda r: r["records_sent"],
+    "records_delivered": lambda r: r["records_delivered"],
+    "records_lost": lambda r: r["records_lost"],
+    "gaps": lambda r: r["gaps"],
+    "cluster_overflow_gaps": lambda r: r["cluster_overflow_gaps"],
+    "latency_p50_ms": lambda r: r["latency_ms"]["p50"],
+    "latency_p99_ms": lambda r: r["latency_ms"]["p99"],
+    "latency_max_ms": lambda r: r["latency_ms"]["max"],
+    "relay_cpu_s": lambda r: r["relay_cpu_s"],
+    "relay_cpu_us_per_delivered_record": lambda r: _ratio(
+        r["relay_cpu_s"] * 1e6 if r["relay_cpu_s"] is not None else None, r["records_delivered"]
+    ),
+    "nats_cpu_s": lambda r: r["cluster"]["nats_server"]["cpu_s"] if r["cluster"] else None,
+    "server_cpu_s": lambda r: (
+        (r["relay_cpu_s"] or 0.0) + ((r["cluster"]["nats_server"]["cpu_s"] or 0.0) if r["cluster"] else 0.0)
+        if r["relay_cpu_s"] is not None
+        else None
+    ),
+    "relay_rss_mb_peak": lambda r: r["relay_rss_mb"],
+    "relay_rss_kb_per_session": lambda r: r["relay_rss_kb_per_session"],
+    "agents_cpu_s": lambda r: r["workers"]["cpu_s"]["agents"],
+    "viewers_cpu_s": lambda r: r["workers"]["cpu_s"]["viewers"],
+    "wire_bytes_per_record": lambda r: r["wire_bytes_per_record"],
+    "feed_bytes_out_per_delivered_record": lambda r: (
+        r["cluster"]["feed_bytes_out_per_delivered_record"] if r["cluster"] else None
+    ),
+    "nats_in_bytes_per_s": lambda r: r["cluster"]["nats_server"]["in_bytes_per_s"] if r["cluster"] else None,
+    "nats_other_in_bytes_per_s": lambda r: (
+        r["cluster"]["nats_server"]["other_in_bytes_per_s"] if r["cluster"] else None
+    ),
+    "idle_bytes_per_s_per_session": lambda r: r["idle_bytes_per_s_per_session"],
+}
+
+
+def combine_results(single: JSON | None, cluster: JSON) -> JSON:
+    """The cluster run's results, with the single-relay run's under ``single`` and a comparison."""
+    comparison: JSON = {}
+    for name, get in COMPARED.items():
+        c = get(cluster)
+        s = get(single) if single is not None else None
+        comparison[name] = {"single": s, "cluster": c, "cluster_over_single": _ratio(c, s)}
+    results = {**cluster, "single": single, "comparison": comparison}
+    if single is not None and not single["ok"]:
+        results["ok"] = False
+        results["failures"] = cluster["failures"] + [f"single relay: {f}" for f in single["failures"]]
+    return results
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -2329,7 +3258,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["machine"] = _machine_info()
         results["machine"]["load_average_before"] = load_before
         results["logs"] = str(run_dir) if (args.keep_logs or not results["ok"]) else None
-        print_summary(results, plan)
+        if args.cluster:
+            if results["single"] is not None:
+                print_summary(results["single"], plan, "single relay")
+            print_summary(results, plan, f"cluster of {args.relays} relays")
+            print_comparison(results["comparison"])
+        else:
+            print_summary(results, plan)
         if args.json:
             path = Path(args.json)
             path.parent.mkdir(parents=True, exist_ok=True)
