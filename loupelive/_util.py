@@ -10,7 +10,7 @@ import trio
 
 from .errors import LoupeError
 
-__all__ = ["Backoff", "collapse_groups", "leaf_exception"]
+__all__ = ["Backoff", "collapse_groups", "leaf_exception", "peer_name"]
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
@@ -78,3 +78,12 @@ class Backoff:
         delay = self._next * random.uniform(0.5, 1.0)
         self._next = min(self._next * self.factor, self.maximum)
         return delay
+
+
+def peer_name(stream: trio.abc.Stream) -> str:
+    """``host:port`` of a socket stream's peer, for log lines ("peer" if unknown)."""
+    try:
+        host, port = stream.socket.getpeername()[:2]  # type: ignore[attr-defined]
+        return f"{host}:{port}"
+    except (AttributeError, OSError):
+        return "peer"

@@ -513,21 +513,8 @@ class RemoteSession:
         self.cluster.send_ctl(self.owner, {**obj, "session_id": self.session_id})
 
     def add_subscriber(self, hello: Hello) -> Subscriber:
-        relay = self.cluster.relay
-        viewer_id = next(relay._viewer_ids)
-        request = AddViewer(
-            viewer=viewer_id, history=hello.history, min_level=hello.min_level, after_seq=hello.after_seq
-        )
-        config = relay.config
-        sub = Subscriber(
-            id=viewer_id,
-            request=request,
-            budget=config.viewer_queue_bytes,
-            max_loss=config.slow_viewer_max_loss,
-            min_records=config.slow_viewer_min_records,
-        )
-        self.hub.subscribers[viewer_id] = sub
-        self.command(request)
+        sub = self.cluster.relay.new_subscriber(self.hub, hello)
+        self.command(sub.request)
         return sub
 
     def remove_subscriber(self, sub: Subscriber) -> None:

@@ -54,7 +54,7 @@ import trio
 import trio.testing
 
 from . import __version__
-from ._util import collapse_groups
+from ._util import collapse_groups, peer_name
 from .config import RelayConfig
 from .connection import Connection, Connector
 from .errors import ConnectionClosed, ErrorCode, RemoteProtocolError, StreamDecodeError
@@ -487,24 +487,9 @@ class Session:
             self.command(StartStream(stream=self.stream_no, key=self.stream_key))
 
     def add_subscriber(self, hello: Hello) -> Subscriber:
-        viewer_id = next(self.relay._viewer_ids)
-        request = AddViewer(
-            viewer=viewer_id,
-            history=hello.history,
-            min_level=hello.min_level,
-            after_seq=hello.after_seq,
-        )
-        config = self.relay.config
-        sub = Subscriber(
-            id=viewer_id,
-            request=request,
-            budget=config.viewer_queue_bytes,
-            max_loss=config.slow_viewer_max_loss,
-            min_records=config.slow_viewer_min_records,
-        )
-        self.hub.subscribers[viewer_id] = sub
+        sub = self.relay.new_subscriber(self.hub, hello)
         self.ensure_stream()
-        self.command(request)
+        self.command(sub.request)
         self.relay._changed(self)
         return sub
 
@@ -744,6 +729,26 @@ class Relay:
         ):
             self.cluster.publish_session(message)
 
+    def new_subscriber(self, hub: Hub, hello: Hello) -> Subscriber:
+        """A viewer of ``hub`` (a local or a remote session), with a new viewer id."""
+        viewer_id = next(self._viewer_ids)
+        request = AddViewer(
+            viewer=viewer_id,
+            history=hello.history,
+            min_level=hello.min_level,
+            after_seq=hello.after_seq,
+        )
+        config = self.config
+        sub = Subscriber(
+            id=viewer_id,
+            request=request,
+            budget=config.viewer_queue_bytes,
+            max_loss=config.slow_viewer_max_loss,
+            min_records=config.slow_viewer_min_records,
+        )
+        hub.subscribers[viewer_id] = sub
+        return sub
+
     def all_sessions(self) -> list[Any]:
         """Our sessions, then (in a cluster) those other relays hold."""
         sessions: list[Any] = list(self.sessions.values())
@@ -916,7 +921,7 @@ class Relay:
     async def _handle(
         self, port_roles: frozenset[Role], stream: trio.abc.Stream, *, local: bool = False
     ) -> None:
-        peer = "local" if local else _peer_name(stream)
+        peer = "local" if local else peer_name(stream)
         address = peer.rpartition(":")[0] or peer
         config = self.config
         if (
@@ -1531,15 +1536,6 @@ async def _peer_errors(conn: Connection) -> AsyncIterator[None]:
     except Exception:
         log.exception("%s: internal error", conn.name)
         await conn.aclose(ErrorCode.INTERNAL, "internal error in the relay")
-
-
-def _peer_name(stream: trio.abc.Stream) -> str:
-    try:
-        sock = stream.socket  # type: ignore[attr-defined]
-        host, port = sock.getpeername()[:2]
-        return f"{host}:{port}"
-    except (AttributeError, OSError):
-        return "peer"
 
 
 def make_server_ssl_context(cert: str, key: str | None, *, client_ca: str | None = None) -> ssl.SSLContext:

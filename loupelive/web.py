@@ -66,6 +66,7 @@ from wsproto.utilities import LocalProtocolError as WSLocalProtocolError
 from wsproto.utilities import RemoteProtocolError as WSRemoteProtocolError
 
 from . import __version__
+from ._util import peer_name
 from .errors import ConnectionClosed, ErrorCode, HandshakeRejected, LoupeError
 from .messages import VIEWER_ROLES, SessionAdded, SessionChanged, SessionCounts, SessionEnded, SessionInfo
 from .records import Gap, Record
@@ -444,19 +445,18 @@ class WebClient:
         """The queue drained below half its budget: tell skipping subscriptions what they lost."""
         for sub in list(self.subs.values()):
             if sub.skipped is not None and not sub.ended:
-                first, last = sub.skipped
-                sub.skipped = None
-                sub.skipping_since = math.inf
-                self.send(
-                    {
-                        "type": "gap",
-                        "sub": sub.sub,
-                        "first_seq": first,
-                        "last_seq": last,
-                        "reason": "viewer_slow",
-                    }
-                )
-                self.gateway.gaps_sent += 1
+                self._report_skipped(sub)
+
+    def _report_skipped(self, sub: Subscription) -> None:
+        """A ``viewer_slow`` gap naming exactly what ``sub`` skipped; it stops skipping."""
+        assert sub.skipped is not None
+        first, last = sub.skipped
+        sub.skipped = None
+        sub.skipping_since = math.inf
+        self.send(
+            {"type": "gap", "sub": sub.sub, "first_seq": first, "last_seq": last, "reason": "viewer_slow"}
+        )
+        self.gateway.gaps_sent += 1
 
     def _check_slow(self, sub: Subscription) -> None:
         config = self.gateway.relay.config
@@ -475,17 +475,7 @@ class WebClient:
                 else f"slow consumer: lost {sub.dropped} of {sub.offered} records"
             )
             if sub.skipped is not None:
-                first, last = sub.skipped
-                sub.skipped = None
-                self.send(
-                    {
-                        "type": "gap",
-                        "sub": sub.sub,
-                        "first_seq": first,
-                        "last_seq": last,
-                        "reason": "viewer_slow",
-                    }
-                )
+                self._report_skipped(sub)
             self.end_subscription(sub, ErrorCode.SLOW_CONSUMER.value, reason)
             self.gateway.unsubscribe(sub)
 
@@ -673,7 +663,7 @@ class WebGateway:
     # -- connections --------------------------------------------------------------------
 
     async def handle(self, stream: trio.abc.Stream) -> None:
-        name = _peer(stream)
+        name = peer_name(stream)
         context = self.relay._ssl_contexts.get(VIEWER_ROLES)
         if context is not None:
             stream = trio.SSLStream(stream, context, server_side=True)
@@ -904,14 +894,6 @@ def _same_origin(headers: dict[bytes, bytes]) -> bool:
         return True
     host = headers.get(b"host", b"")
     return origin.split(b"://", 1)[-1].rstrip(b"/").lower() == host.lower()
-
-
-def _peer(stream: trio.abc.Stream) -> str:
-    try:
-        host, port = stream.socket.getpeername()[:2]  # type: ignore[attr-defined]
-        return f"{host}:{port}"
-    except (AttributeError, OSError):
-        return "peer"
 
 
 async def serve_web(
