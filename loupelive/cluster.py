@@ -618,6 +618,8 @@ class Cluster:
         self._remote_full_logged = False
         #: When our own "alive" last came back through NATS.
         self._self_heard = -math.inf
+        #: Since when our own "alive" has come back without a stall.
+        self._link_ok_since = -math.inf
         self.overflows = 0
         self.gaps_sent = 0
         self.feed_holes = 0
@@ -688,7 +690,7 @@ class Cluster:
 
     def _check_peers(self) -> None:
         deadline = trio.current_time() - self.relay.config.cluster_timeout
-        if not self.bridge.connected or self._self_heard < deadline:
+        if not self.bridge.connected or self._self_heard < deadline or self._link_ok_since > deadline:
             # Our own "alive" has not come back either: it is our NATS link
             # (or NATS) that is silent, not the other relays. Judge nobody.
             return
@@ -764,7 +766,13 @@ class Cluster:
         obj = json.loads(data)
         name = str(obj.get("relay", ""))
         if name == self.name:
-            self._self_heard = trio.current_time()
+            now = trio.current_time()
+            if now - self._self_heard > 2 * ALIVE_INTERVAL:
+                # Our link was silent (NATS stalled or away): others' news
+                # may still be queued behind their data, so give them a full
+                # cluster_timeout from now before judging anyone.
+                self._link_ok_since = now
+            self._self_heard = now
             return
         if not name:
             return
@@ -776,6 +784,12 @@ class Cluster:
             self._notify()
             # A relay (re)appearing: its sessions are what it announces now.
 
+    def _heard_from(self, name: str) -> None:
+        """Any message from a relay shows it is alive: after a NATS stall its
+        "alive" may come late, queued behind megabytes of its feeds."""
+        if name in self.peers:
+            self.peers[name] = (self.peers[name][0], trio.current_time())
+
     def _on_sync(self, data: bytes) -> None:
         obj = json.loads(data)
         if obj.get("relay") != self.name:
@@ -786,8 +800,7 @@ class Cluster:
         owner = str(obj.get("relay", ""))
         if owner == self.name or not owner:
             return
-        if owner in self.peers:
-            self.peers[owner] = (self.peers[owner][0], trio.current_time())
+        self._heard_from(owner)
         kind = obj.get("kind")
         epoch = str(obj.get("epoch", ""))
         if kind == "session":
@@ -973,6 +986,7 @@ class Cluster:
         self.feed_messages_in += 1
         remote = self.remote.get(session_id)
         if remote is not None:
+            self._heard_from(remote.owner)
             remote.on_feed(kind, seq, data[start + sid_len :])
         else:
             # Viewers of a session that moved here are served locally now.
